@@ -33,15 +33,14 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxretrieval import backbones, normalization, retrieval_model
+from jaxretrieval import backbones, normalization, pooling
 from jaxretrieval.data import images as image_io
 
 logger = logging.getLogger(__name__)
 
 MULTI_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
-# Re-exported: the pooling registry is shared with the Flax retrieval model.
-POOLINGS = retrieval_model.POOLINGS
-REGIONAL_POOLINGS = retrieval_model.REGIONAL_POOLINGS
+POOLINGS = pooling.POOLINGS
+REGIONAL_POOLINGS = pooling.REGIONAL_POOLINGS
 Box = Sequence[float | int]  # (x1, y1, x2, y2) in pixels
 
 
@@ -314,7 +313,7 @@ def _descriptor_kernel(module, feature_name: str, pooling_names: tuple[str, ...]
         )  # (B, h, w)
         classifier = variables["params"].get("classifier")
         return {
-            name: retrieval_model.pooled_descriptors(
+            name: pooling.global_descriptor(
                 feature_map, valid, pooling_name=name, p=p, classifier=classifier
             )
             for name in pooling_names

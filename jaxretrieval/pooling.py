@@ -587,3 +587,50 @@ def cam_aggregate(
         flat = apply_whitening(whitening, vectors.reshape(batch * num, channels), dim=dim)
         vectors = flat.reshape(batch, num, flat.shape[-1])  # (B, N, D)
     return l2_normalize(jnp.sum(vectors, axis=1), eps=eps)
+
+
+# --- the registry: every global pooling behind one calling convention ----------------------
+
+# Name -> pool(feature_map (B, H, W, C), valid (B, H, W) | None, p, classifier) -> (B, D).
+# Extraction, the Flax retrieval model and training all look poolings up here.
+POOLINGS = {
+    "spoc": lambda x, valid, p, classifier: spoc(x, valid=valid),
+    "mac": lambda x, valid, p, classifier: mac(x, valid=valid),
+    "gem": lambda x, valid, p, classifier: gem(x, p, valid=valid),
+    "crow": lambda x, valid, p, classifier: crow(x, valid=valid),
+    # Regional poolings place their grid from the map size, so they run without a mask:
+    # callers must give maps of the images' real size (see extraction's buckets).
+    "rmac": lambda x, valid, p, classifier: rmac(x),
+    "ramac": lambda x, valid, p, classifier: ramac_aggregate(ramac(x)),
+    "cam": lambda x, valid, p, classifier: cam_aggregate(
+        cam_weighted(x, classifier["kernel"], classifier_bias=classifier["bias"], valid=valid)
+    ),
+}
+REGIONAL_POOLINGS = frozenset({"rmac", "ramac"})
+
+
+def global_descriptor(
+    feature_map: Float[AnyArray, "B H W C"],
+    valid: Bool[AnyArray, "B H W"] | None,
+    *,
+    pooling_name: str,
+    p: Scalar = 3.0,
+    classifier: dict | None = None,
+) -> Float[Array, "B D"]:
+    """L2-normalised global descriptors of one registered pooling (pure; callers jit).
+
+    Args:
+      feature_map: Backbone activations, NHWC.
+      valid: Real-pixel mask of padded images, or None.
+      pooling_name: Key of :data:`POOLINGS` (static).
+      p: GeM exponent (traced).
+      classifier: ``{"kernel": (C, K), "bias": (K,)}`` for ``"cam"``.
+
+    Raises:
+      ValueError: For an unknown pooling, or ``"cam"`` without a classifier.
+    """
+    if pooling_name not in POOLINGS:
+        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, found {pooling_name!r}.")
+    if pooling_name == "cam" and classifier is None:
+        raise ValueError("'cam' pooling needs the backbone's classifier weights.")
+    return l2_normalize(POOLINGS[pooling_name](feature_map, valid, p, classifier))

@@ -1,13 +1,10 @@
 """Backbone + pooling + optional whitening composed into one retrieval model.
 
-:data:`POOLINGS` names every global pooling with one calling convention,
-``pool(feature_map, valid, p, classifier) -> (B, D)``, so extraction, training and the
-model share one registry. :class:`RetrievalModel` is the Flax composition used where the
-head has parameters (learnable GeM ``p``, a whitening layer); its ``__call__`` returns
-named outputs, big_vision style.
+:class:`RetrievalModel` is the Flax composition every extractor, CLI and training run
+uses; poolings come from the registry :data:`jaxretrieval.pooling.POOLINGS`. Its
+``__call__`` returns named outputs, big_vision style.
 """
 
-from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -18,51 +15,6 @@ from jaxretrieval import backbones, layers, pooling
 from jaxretrieval.array_types import AnyArray, Bool, Float
 from jaxretrieval.normalization import l2_normalize
 from jaxretrieval.whitening import Whitening
-
-# Name -> pool(feature_map (B, H, W, C), valid (B, H, W) | None, p, classifier) -> (B, D).
-POOLINGS: dict[str, Callable[..., jax.Array]] = {
-    "spoc": lambda x, valid, p, classifier: pooling.spoc(x, valid=valid),
-    "mac": lambda x, valid, p, classifier: pooling.mac(x, valid=valid),
-    "gem": lambda x, valid, p, classifier: pooling.gem(x, p, valid=valid),
-    "crow": lambda x, valid, p, classifier: pooling.crow(x, valid=valid),
-    # Regional poolings place their grid from the map size, so they run without a mask:
-    # callers must give maps of the images' real size (see extraction's buckets).
-    "rmac": lambda x, valid, p, classifier: pooling.rmac(x),
-    "ramac": lambda x, valid, p, classifier: pooling.ramac_aggregate(pooling.ramac(x)),
-    "cam": lambda x, valid, p, classifier: pooling.cam_aggregate(
-        pooling.cam_weighted(
-            x, classifier["kernel"], classifier_bias=classifier["bias"], valid=valid
-        )
-    ),
-}
-REGIONAL_POOLINGS = frozenset({"rmac", "ramac"})
-
-
-def pooled_descriptors(
-    feature_map: Float[AnyArray, "B H W C"],
-    valid: Bool[AnyArray, "B H W"] | None,
-    *,
-    pooling_name: str,
-    p: float | jax.Array = 3.0,
-    classifier: Mapping[str, Any] | None = None,
-) -> Float[jax.Array, "B D"]:
-    """L2-normalised global descriptors of one pooling (pure; callers jit).
-
-    Args:
-      feature_map: Backbone activations, NHWC.
-      valid: Real-pixel mask of padded images, or None.
-      pooling_name: Key of :data:`POOLINGS` (static).
-      p: GeM exponent (traced).
-      classifier: ``{"kernel": (C, K), "bias": (K,)}`` for ``"cam"``.
-
-    Raises:
-      ValueError: For an unknown pooling, or ``"cam"`` without a classifier.
-    """
-    if pooling_name not in POOLINGS:
-        raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, found {pooling_name!r}.")
-    if pooling_name == "cam" and classifier is None:
-        raise ValueError("'cam' pooling needs the backbone's classifier weights.")
-    return l2_normalize(POOLINGS[pooling_name](feature_map, valid, p, classifier))
 
 
 class RetrievalModel(nn.Module):
@@ -76,7 +28,7 @@ class RetrievalModel(nn.Module):
     Attributes:
       backbone: A backbone module returning ``(logits, features)``.
       feature_name: Which feature map to pool.
-      pooling: Key of :data:`POOLINGS`.
+      pooling: Key of :data:`jaxretrieval.pooling.POOLINGS`.
       p: GeM exponent (initial value when learnt).
       learn_p: Make ``p`` a parameter.
       whitening: Optional whitening applied after pooling.
@@ -118,7 +70,7 @@ class RetrievalModel(nn.Module):
             classifier = None
             if self.pooling == "cam":
                 classifier = self.backbone.variables["params"]["classifier"]
-            pooled = pooled_descriptors(
+            pooled = pooling.global_descriptor(
                 feature_map, valid, pooling_name=self.pooling, p=self.p, classifier=classifier
             )
         descriptors = pooled

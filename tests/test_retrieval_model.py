@@ -51,12 +51,12 @@ def test_gem_p_is_trainable(images):
     assert float(jnp.abs(grads["gem"]["p"])) > 0.0
 
 
-@pytest.mark.parametrize("name", sorted(retrieval_model.POOLINGS))
+@pytest.mark.parametrize("name", sorted(pooling.POOLINGS))
 def test_every_pooling_matches_pooled_descriptors(name, images):
     model, variables = _tiny_model(images, pooling=name, learn_p=False)
     out = jax.jit(model.apply)(variables, images)
     classifier = variables["params"]["backbone"]["classifier"]
-    expected = retrieval_model.pooled_descriptors(
+    expected = pooling.global_descriptor(
         out["features"], None, pooling_name=name, classifier=classifier
     )
     np.testing.assert_allclose(out["descriptors"], expected, rtol=1e-5, atol=1e-6)
@@ -77,8 +77,8 @@ def test_whitening_head_matches_apply_whitening(images):
 
 def test_errors(without_annotation_checks, images):
     with pytest.raises(ValueError, match="pooling must be one of"):
-        retrieval_model.pooled_descriptors(jnp.ones((1, 2, 2, 3)), None, pooling_name="avg")
+        pooling.global_descriptor(jnp.ones((1, 2, 2, 3)), None, pooling_name="avg")
     with pytest.raises(ValueError, match="needs the backbone's classifier"):
-        retrieval_model.pooled_descriptors(jnp.ones((1, 2, 2, 3)), None, pooling_name="cam")
+        pooling.global_descriptor(jnp.ones((1, 2, 2, 3)), None, pooling_name="cam")
     with pytest.raises(ValueError, match="no feature map 'stage9'"):
         _tiny_model(images, feature_name="stage9")
