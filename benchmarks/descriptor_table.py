@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from jaxretrieval import evaluation, extraction, similarity, whitening
+from jaxretrieval import evaluation, extraction, search, whitening
 from jaxretrieval.data import datasets
 
 DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -59,7 +59,7 @@ def matching_pairs(labels: list[str], exclude: set[str]) -> tuple[np.ndarray, np
 
 
 def evaluate(queries, database, gnd) -> float:
-    ranks = similarity.rank_database(queries, database)
+    ranks = search.rank_database(queries, database)
     return evaluation.revisited_evaluation(ranks, gnd)["medium"]["map"]
 
 

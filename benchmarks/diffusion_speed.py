@@ -38,7 +38,7 @@ import scipy.sparse.csgraph
 import scipy.sparse.linalg
 
 from jaxretrieval import diffusion as dif
-from jaxretrieval.knn import knn_search
+from jaxretrieval.search import knn_search
 
 ALPHA = 0.99
 NUM_ITERATIONS = 20

@@ -39,7 +39,7 @@ import scipy.sparse.linalg
 from jax import lax
 
 from jaxretrieval.array_types import AnyArray, Array, Bool, Float, Int, Scalar
-from jaxretrieval.knn import knn_search
+from jaxretrieval.search import knn_search
 
 
 class AffinityGraph(NamedTuple):
@@ -102,11 +102,13 @@ def knn_affinity(
 
     Args:
       database: L2-normalised database descriptors (numpy or jax). Checked on the host for
-        NaN/inf, since one NaN row would silently poison the whole graph.
+        NaN/inf (by :func:`jaxretrieval.search.knn_search`), since one NaN row would
+        silently poison the whole graph.
       num_neighbors: Neighbour slots per item, K (static); must be in [1, N - 1].
       gamma: Similarity exponent of the edge weights.
-      index_type: ``"flat"`` (exact, O(N^2 D)) or ``"ivf"`` (approximate, for large N).
-      num_lists: IVF lists (see :func:`jaxretrieval.knn.knn_search`).
+      index_type: ``"flat"`` (exact, O(N^2 D)), or ``"ivf"`` / ``"ivfpq"`` (approximate,
+        for large N; see :class:`jaxretrieval.search.SearchIndex`).
+      num_lists: IVF lists (see :func:`jaxretrieval.search.knn_search`).
       num_probes: IVF lists scanned per item.
 
     Returns:
@@ -136,31 +138,19 @@ def knn_affinity(
             "knn_affinity: num_neighbors must be in [1, N - 1] (the self-match is excluded) for "
             f"a database of shape {database.shape}, found num_neighbors={num_neighbors}."
         )
-    finite = np.isfinite(database).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
-        raise ValueError(
-            f"knn_affinity: {bad.size} database rows contain NaN or inf, e.g. rows "
-            f"{bad[:5].tolist()}."
-        )
+    rows = np.arange(num_items, dtype=np.int64)[:, None]  # (N, 1)
+    # The self-match is excluded by id wherever it appears (duplicates may push it off
+    # the first slot); an approximate search may leave slots empty (id -1).
     similarities, indices = knn_search(
         database,
         database,
-        k=num_neighbors + 1,
+        k=num_neighbors,
         index_type=index_type,
         num_lists=num_lists,
         num_probes=num_probes,
-    )  # (N, K + 1)
-    rows = np.arange(num_items, dtype=np.int64)[:, None]  # (N, 1)
-    # Drop the self-match wherever it appears (duplicates may push it off the first slot),
-    # and keep the first K remaining neighbours of each row.
-    keep = (indices != rows) & (indices >= 0)  # (N, K + 1)
-    keep &= np.cumsum(keep, axis=1) <= num_neighbors
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :num_neighbors]  # (N, K)
-    indices = np.take_along_axis(indices, order, axis=1)
-    similarities = np.take_along_axis(similarities, order, axis=1)
-    present = np.take_along_axis(keep, order, axis=1)
-    del keep, order
+        exclude=rows,
+    )  # (N, K)
+    present = indices >= 0
 
     # Mutual check: edge (i, j) is mutual if the key j * N + i exists among the keys i * N + j.
     keys = np.where(present, rows * num_items + indices, -1).ravel()  # (N * K,)
@@ -352,7 +342,7 @@ def seeds_from_neighbors(
     *,
     gamma: Scalar = 3.0,
 ) -> Seeds:
-    """Seeds from precomputed neighbours (e.g. :func:`jaxretrieval.knn.knn_search`).
+    """Seeds from precomputed neighbours (e.g. :func:`jaxretrieval.search.knn_search`).
 
     Args:
       similarities: Each query's similarities to its top database items.
@@ -385,7 +375,7 @@ def query_seeds(
     """Seeds of each query: its ``num_seeds`` most similar database items, weighted ``s^gamma``.
 
     Scores every database item on the device ((Q, N) similarities); for very large
-    databases, search with :func:`jaxretrieval.knn.knn_search` and call
+    databases, search with :func:`jaxretrieval.search.knn_search` and call
     :func:`seeds_from_neighbors` instead.
 
     Args:

@@ -1,18 +1,16 @@
-"""Similarity search: cosine scores, chunked top-k on the device, and a faiss index wrapper.
+"""Similarity on the device: cosine scores and chunked top-k.
 
 Descriptors are L2-normalised rows, so cosine similarity is the dot product. For
 shortlists that fit in memory, :func:`chunked_top_k` streams the database through fixed
 chunk shapes (one compile whatever N is) and keeps a running top-k with ``lax.top_k``.
-For large databases, :class:`FaissIndex` wraps an exact inner-product index or an IVF-PQ
-index, on the GPU when faiss sees one.
+Host-side search with faiss (exact, IVF, IVF-PQ, on the GPU when present) and the full
+ranking used by evaluation live in :mod:`jaxretrieval.search`.
 """
 
-import os
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxretrieval.array_types import AnyArray, Array, Float, Int
 
@@ -106,151 +104,6 @@ def chunked_top_k(
     )
     best, _ = jax.lax.scan(step, init, (chunks, jnp.arange(num_chunks, dtype=jnp.int32)))
     return best
-
-
-def rank_database(
-    query_descriptors: Float[AnyArray, "Q D"], database_descriptors: Float[AnyArray, "N D"]
-) -> Int[np.ndarray, "Q N"]:
-    """Full ranking of the database for each query (host NumPy), best first.
-
-    Intended for evaluation of small and medium sets where the (Q, N) score matrix fits in
-    memory; ties are broken by database index (stable sort), so rankings are reproducible.
-    """
-    scores = np.asarray(cosine_similarities(query_descriptors, database_descriptors))
-    return np.argsort(-scores, axis=1, kind="stable")
-
-
-class FaissIndex:
-    """A thin faiss wrapper: exact inner product by default, IVF-PQ for large databases.
-
-    faiss is imported the same way for CPU and GPU builds (``pip install -e .[gpu]``
-    replaces faiss-cpu by faiss-gpu); GPU resources are used only when faiss reports a GPU
-    and ``use_gpu`` is not False.
-
-    Args:
-      dim: Descriptor dimension.
-      index_type: ``"flat"`` (exact inner product) or ``"ivfpq"`` (inverted file with
-        product quantisation, for millions of images; needs :meth:`train`).
-      num_lists: IVF cells (``ivfpq`` only).
-      num_subquantizers: PQ sub-vectors; must divide ``dim`` (``ivfpq`` only).
-      bits_per_code: Bits per PQ code (``ivfpq`` only).
-      num_probes: Cells visited per query (``ivfpq`` only).
-      use_gpu: True, False, or None for "if available".
-      num_threads: OpenMP threads; 1 gives the lowest single-query latency (DESIGN.md).
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        *,
-        index_type: str = "flat",
-        num_lists: int = 1024,
-        num_subquantizers: int = 16,
-        bits_per_code: int = 8,
-        num_probes: int = 16,
-        use_gpu: bool | None = None,
-        num_threads: int | None = None,
-    ):
-        import faiss  # Imported lazily: only search needs it.
-
-        self._faiss = faiss
-        if num_threads is not None:
-            faiss.omp_set_num_threads(num_threads)
-        self.dim = dim
-        self.index_type = index_type
-        if index_type == "flat":
-            index = faiss.IndexFlatIP(dim)
-        elif index_type == "ivfpq":
-            if dim % num_subquantizers:
-                raise ValueError(
-                    f"num_subquantizers={num_subquantizers} must divide the dimension {dim}."
-                )
-            quantizer = faiss.IndexFlatIP(dim)
-            index = faiss.IndexIVFPQ(
-                quantizer, dim, num_lists, num_subquantizers, bits_per_code,
-                faiss.METRIC_INNER_PRODUCT,
-            )  # fmt: skip
-            index.nprobe = num_probes
-            self._quantizer = quantizer  # keep alive: the index does not own it
-        else:
-            raise ValueError(f"index_type must be 'flat' or 'ivfpq', found {index_type!r}.")
-        num_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        if use_gpu and num_gpus == 0:
-            raise RuntimeError("use_gpu=True but faiss sees no GPU (is faiss-gpu installed?).")
-        self.on_gpu = bool(num_gpus) and use_gpu is not False
-        if self.on_gpu:
-            self._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(self._resources, 0, index)
-        self.index = index
-
-    @property
-    def size(self) -> int:
-        """Number of indexed vectors."""
-        return int(self.index.ntotal)
-
-    @property
-    def is_trained(self) -> bool:
-        """Whether the index can accept vectors (IVF-PQ needs :meth:`train` first)."""
-        return bool(self.index.is_trained)
-
-    def train(self, descriptors: Float[AnyArray, "N D"]) -> None:
-        """Trains the IVF-PQ quantisers on representative descriptors (no-op for flat)."""
-        self.index.train(self._host_matrix(descriptors))
-
-    def add(self, descriptors: Float[AnyArray, "N D"]) -> None:
-        """Adds database descriptors; their row numbers continue from :attr:`size`."""
-        if not self.is_trained:
-            raise RuntimeError("IVF-PQ index must be trained before adding (call train()).")
-        self.index.add(self._host_matrix(descriptors))
-
-    def search(
-        self, query_descriptors: Float[AnyArray, "Q D"], *, k: int
-    ) -> tuple[Float[np.ndarray, "Q K"], Int[np.ndarray, "Q K"]]:
-        """Top-k inner-product search; returns (scores, indices), best first.
-
-        Raises:
-          ValueError: If the index is empty or k < 1. k larger than the index is clipped.
-        """
-        if self.size == 0:
-            raise ValueError("cannot search an empty index; add descriptors first.")
-        if k < 1:
-            raise ValueError(f"k must be positive, found {k}.")
-        scores, indices = self.index.search(self._host_matrix(query_descriptors), min(k, self.size))
-        return scores, indices.astype(np.int64)
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Writes the index (moved to CPU) with faiss's own format (no pickle)."""
-        index = self._faiss.index_gpu_to_cpu(self.index) if self.on_gpu else self.index
-        self._faiss.write_index(index, os.fspath(path))
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, *, use_gpu: bool | None = None) -> "FaissIndex":
-        """Reads an index written by :meth:`save`."""
-        import faiss
-
-        path = os.fspath(path)
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"no faiss index at {path}")
-        index = faiss.read_index(path)
-        wrapper = cls.__new__(cls)
-        wrapper._faiss = faiss
-        wrapper.dim = index.d
-        wrapper.index_type = "flat" if isinstance(index, faiss.IndexFlat) else "ivfpq"
-        num_gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
-        wrapper.on_gpu = bool(num_gpus) and use_gpu is not False
-        if wrapper.on_gpu:
-            wrapper._resources = faiss.StandardGpuResources()
-            index = faiss.index_cpu_to_gpu(wrapper._resources, 0, index)
-        wrapper.index = index
-        return wrapper
-
-    def _host_matrix(self, x: AnyArray) -> np.ndarray:
-        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32))
-        if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"expected descriptors of shape (N, {self.dim}), found {x.shape}.")
-        if not np.all(np.isfinite(x)):
-            raise ValueError("descriptors contain NaN or infinite values.")
-        return x
 
 
 def _as_float32_matrix(name: str, x: AnyArray) -> Array:

@@ -7,7 +7,7 @@ import scipy.sparse.linalg
 from hypothesis import given, settings
 
 from jaxretrieval import diffusion as dif
-from jaxretrieval.knn import knn_search
+from jaxretrieval.search import knn_search
 from tests.reference import diffusion_reference as ref
 
 # Jitted once per module: eager calls would re-trace the CG while_loop every time.

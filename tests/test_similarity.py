@@ -4,7 +4,7 @@ import jaxtyping
 import numpy as np
 import pytest
 
-from jaxretrieval import normalization, similarity
+from jaxretrieval import similarity
 from tests.reference.similarity_reference import top_k_reference
 
 
@@ -78,60 +78,3 @@ def test_chunked_top_k_raises(without_annotation_checks):
 def test_annotations_refuse_bad_shapes_under_test():
     with pytest.raises(jaxtyping.TypeCheckError):
         similarity.cosine_similarities(jnp.ones((2, 4)), jnp.ones((3, 5)))
-
-
-def test_rank_database_is_full_stable_ranking():
-    q = np.array([[1.0, 0.0]], np.float32)
-    db = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.6, 0.8]], np.float32)
-    np.testing.assert_array_equal(similarity.rank_database(q, db), [[1, 2, 3, 0]])
-
-
-def test_faiss_flat_matches_reference_and_round_trips(tmp_path):
-    rng = np.random.default_rng(3)
-    queries, database = _unit_rows(rng, 5, 16), _unit_rows(rng, 50, 16)
-    index = similarity.FaissIndex(16)
-    index.add(database[:30])
-    index.add(database[30:])  # row numbers continue across add() calls
-    scores, indices = index.search(queries, k=7)
-    expected_scores, expected_indices = top_k_reference(queries, database, 7)
-    np.testing.assert_array_equal(indices, expected_indices)
-    np.testing.assert_allclose(scores, expected_scores, rtol=1e-5)
-    index.save(tmp_path / "index.faiss")
-    loaded = similarity.FaissIndex.load(tmp_path / "index.faiss")
-    assert loaded.size == 50 and not loaded.on_gpu
-    np.testing.assert_array_equal(loaded.search(queries, k=7)[1], indices)
-
-
-def test_faiss_ivfpq_finds_clustered_neighbours():
-    rng = np.random.default_rng(4)
-    centres = _unit_rows(rng, 20, 16)
-    labels = rng.integers(0, 20, size=2000)
-    database = np.asarray(
-        normalization.l2_normalize(centres[labels] + 0.05 * rng.normal(size=(2000, 16))),
-        np.float32,
-    )
-    index = similarity.FaissIndex(16, index_type="ivfpq", num_lists=16, num_subquantizers=4)
-    assert not index.is_trained
-    with pytest.raises(RuntimeError, match="trained"):
-        index.add(database)
-    index.train(database)
-    index.add(database)
-    _, indices = index.search(database[:50], k=10)
-    # Neighbours found by the compressed index belong to the query's cluster.
-    assert np.mean(labels[indices] == labels[:50, None]) > 0.9
-
-
-def test_faiss_errors():
-    index = similarity.FaissIndex(4)
-    with pytest.raises(ValueError, match="empty index"):
-        index.search(np.ones((1, 4), np.float32), k=1)
-    with pytest.raises(ValueError, match=r"shape \(N, 4\)"):
-        index.add(np.ones((2, 3), np.float32))
-    with pytest.raises(ValueError, match="NaN"):
-        index.add(np.full((1, 4), np.nan, np.float32))
-    with pytest.raises(ValueError, match="must divide"):
-        similarity.FaissIndex(10, index_type="ivfpq", num_subquantizers=4)
-    with pytest.raises(ValueError, match="index_type"):
-        similarity.FaissIndex(4, index_type="hnsw")
-    with pytest.raises(FileNotFoundError, match="no faiss index"):
-        similarity.FaissIndex.load("/nonexistent/index.faiss")

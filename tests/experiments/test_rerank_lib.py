@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from experiments import rerank_lib
-from jaxretrieval import query_expansion, similarity
+from jaxretrieval import query_expansion, search
 
 
 def _clustered(rng, num, dim=16, clusters=4):
@@ -18,12 +18,12 @@ def test_none_and_query_expansion_match_the_library():
     queries, _ = _clustered(rng, 4)
     np.testing.assert_array_equal(
         rerank_lib.rerank_split("none", queries, database),
-        similarity.rank_database(queries, database),
+        search.rank_database(queries, database),
     )
     expanded = query_expansion.alpha_query_expansion(queries, database, k=2, alpha=3.0)
     np.testing.assert_array_equal(
         rerank_lib.rerank_split("alpha-qe", queries, database),
-        similarity.rank_database(np.asarray(expanded), database),
+        search.rank_database(np.asarray(expanded), database),
     )
 
 
