@@ -25,6 +25,8 @@ import numpy as np
 
 from experiments import match_lib
 from jaxretrieval.data.images import load_image
+from jaxretrieval.spatial_verification import DSMFeatureExtractor
+from jaxretrieval.spatial_verification.feature_extraction import DEFAULT_SCALES
 
 DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
@@ -62,7 +64,7 @@ def map_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
 def box_pair_errors(
     folder: pathlib.Path,
     *,
-    scales=match_lib.DEFAULT_SCALES,
+    scales=DEFAULT_SCALES,
     upscale: float = 1.0,
     max_features: int = 512,
     threshold_cells: float = 2.0,
@@ -71,7 +73,7 @@ def box_pair_errors(
     object_image = load_image(folder / "box.png")
     scene_image = load_image(folder / "box_in_scene.png")
     homography, sift_inliers = sift_homography(object_image, scene_image)
-    extractor = match_lib.DSMFeatureExtractor(
+    extractor = DSMFeatureExtractor.pretrained(
         scales=scales, max_features=max_features, pad_multiple=64
     )
 
@@ -118,7 +120,7 @@ def main(argv=None):
     )
     parser.add_argument("--out", default=None, help="PNG of the scene with both outlines")
     args = parser.parse_args(argv)
-    scales = (1.0,) if args.quick else match_lib.DEFAULT_SCALES
+    scales = (1.0,) if args.quick else DEFAULT_SCALES
     for upscale in args.upscale:
         start = time.perf_counter()
         r = box_pair_errors(pathlib.Path(args.data), scales=scales, upscale=upscale)

@@ -10,7 +10,6 @@ with its top-10; correct green, wrong red, junk grey) to outputs/demo/.
 """
 
 import argparse
-import dataclasses
 import logging
 import pathlib
 import time
@@ -18,6 +17,7 @@ import time
 from experiments import evaluate_lib, plotting
 from jaxretrieval import extraction
 from jaxretrieval.data import datasets
+from jaxretrieval.retrieval_model import ModelConfig
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data"
@@ -46,17 +46,16 @@ def main(argv=None) -> list[dict]:
     data = pathlib.Path(args.data)
     if not data.is_dir():
         raise SystemExit(f"data folder not found: {data} (pass --data DIR)")
-    settings = extraction.ExtractionSettings(max_side=args.max_side)
     start = time.perf_counter()
-    extractor = extraction.Extractor(settings)
+    extractor = extraction.Extractor.pretrained(ModelConfig(max_side=args.max_side))
+    extract = evaluate_lib.cached_extraction(extractor, progress=not args.quiet)
     out_dir = pathlib.Path(args.out_dir)
     rows = []
     for name in args.datasets:
         dataset = datasets.load_dataset(data / name)
-        row = {"dataset": dataset.name, "settings": dataclasses.asdict(settings)}
-        rankings = evaluate_lib.rank_protocols(dataset, extractor, progress=not args.quiet)
+        row, rankings = evaluate_lib.evaluate(dataset, extract, protocols=evaluate_lib.PROTOCOLS)
+        row["model"] = extractor.model.to_json_dict()
         for protocol, ranking in rankings.items():
-            row[protocol] = evaluate_lib.score(ranking)
             grid = plotting.save_result_grid(
                 ranking.query_paths,
                 ranking.database_paths,

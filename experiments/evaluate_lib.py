@@ -1,4 +1,9 @@
-"""Evaluate global descriptors on a dataset in the revisitop layout.
+"""Evaluate global descriptors (and re-rankings) on a dataset in the revisitop layout.
+
+:func:`evaluate` is the evaluator the CLI, the training loop, the benchmarks and the
+notebook call: it takes any extraction function ``(paths, boxes) -> ExtractionResult``
+(an :class:`~jaxretrieval.extraction.Extractor`, or :func:`cached_extraction` around
+one) and returns a JSON-ready dict of metrics for each protocol and re-ranking.
 
 Two protocols on the same folder:
   * ``split``: the dataset's own queries (cropped to their boxes) against its database,
@@ -11,17 +16,49 @@ import dataclasses
 import logging
 import os
 import pathlib
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
-from jaxretrieval import evaluation, extraction, similarity
+from experiments import rerank_lib
+from jaxretrieval import evaluation, extraction, search
 from jaxretrieval.data import datasets
 from jaxretrieval.data import images as image_io
+from jaxretrieval.spatial_verification import DSMFeatureExtractor
 
 logger = logging.getLogger(__name__)
 
 KAPPAS = (1, 5, 10)
+PROTOCOLS = ("split", "leave_one_out")
+# (paths, boxes or None) -> descriptors of those images.
+ExtractFn = Callable[[Sequence[str], Sequence[extraction.Box | None] | None], Any]
+
+
+def cached_extraction(
+    extractor: extraction.Extractor,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    progress: bool = True,
+) -> ExtractFn:
+    """An :data:`ExtractFn` that reuses descriptors saved in ``cache_dir``.
+
+    Each list of images gets its own file, named by the fingerprint of the model, its
+    variables, the settings and the files (:func:`jaxretrieval.extraction.fingerprint`),
+    so another model or changed images never read stale descriptors.
+    """
+
+    def extract(paths, boxes=None):
+        paths = [os.fspath(p) for p in paths]
+        cache_file = None
+        if cache_dir is not None:
+            key = extraction.fingerprint(paths, boxes, extractor.cache_key)
+            cache_file = pathlib.Path(cache_dir) / f"descriptors_{key[:24]}.npz"
+        return extraction.extract_cached(
+            extractor, paths, boxes, cache_file=cache_file, progress=progress
+        )
+
+    return extract
 
 
 @dataclasses.dataclass
@@ -37,33 +74,14 @@ class DatasetRanking:
     database_descriptors: np.ndarray  # (N, D)
 
 
-def rank_split(
-    dataset: datasets.RetrievalDataset,
-    extractor: extraction.Extractor,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> DatasetRanking:
+def rank_split(dataset: datasets.RetrievalDataset, extract: ExtractFn) -> DatasetRanking:
     """Ranks the database for each query of the dataset's own split."""
-    boxes = dataset.query_boxes
-    queries = extraction.extract_cached(
-        extractor,
-        dataset.query_paths,
-        boxes,
-        cache_file=_cache_file(cache_dir, dataset.name, "queries", extractor.settings),
-        progress=progress,
-    )
-    database = extraction.extract_cached(
-        extractor,
-        dataset.database_paths,
-        cache_file=_cache_file(cache_dir, dataset.name, "database", extractor.settings),
-        progress=progress,
-    )
-    ranks = similarity.rank_database(queries.descriptors, database.descriptors)
+    queries = extract([str(p) for p in dataset.query_paths], dataset.query_boxes)
+    database = extract([str(p) for p in dataset.database_paths], None)
     return DatasetRanking(
         query_paths=[str(p) for p in dataset.query_paths],
         database_paths=[str(p) for p in dataset.database_paths],
-        ranks=ranks,
+        ranks=search.rank_database(queries.descriptors, database.descriptors),
         gnd=dataset.gnd,
         failures=queries.failures + database.failures,
         query_descriptors=queries.descriptors,
@@ -71,34 +89,19 @@ def rank_split(
     )
 
 
-def rank_leave_one_out(
-    dataset: datasets.RetrievalDataset,
-    extractor: extraction.Extractor,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-) -> DatasetRanking:
+def rank_leave_one_out(dataset: datasets.RetrievalDataset, extract: ExtractFn) -> DatasetRanking:
     """Ranks all images against all images; each query's own image is junk."""
     paths, gnd = datasets.leave_one_out(dataset)
-    result = extraction.extract_cached(
-        extractor,
-        paths,
-        cache_file=_cache_file(cache_dir, dataset.name, "all", extractor.settings),
-        progress=progress,
-    )
-    ranks = similarity.rank_database(result.descriptors, result.descriptors)
     paths = [str(p) for p in paths]
+    result = extract(paths, None)
+    ranks = search.rank_database(result.descriptors, result.descriptors)
     return DatasetRanking(
         paths, paths, ranks, gnd, result.failures, result.descriptors, result.descriptors
     )
 
 
 def rank_both_protocols(
-    dataset: datasets.RetrievalDataset,
-    extractor: extraction.Extractor,
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    dataset: datasets.RetrievalDataset, extract: ExtractFn
 ) -> dict[str, DatasetRanking]:
     """Both protocols from one extraction of every image.
 
@@ -106,7 +109,7 @@ def rank_both_protocols(
     those rows; only queries whose box is smaller than their image are extracted again,
     cropped. Same result as :func:`rank_split` + :func:`rank_leave_one_out`, half the work.
     """
-    loo = rank_leave_one_out(dataset, extractor, cache_dir=cache_dir, progress=progress)
+    loo = rank_leave_one_out(dataset, extract)
     num_queries = dataset.num_queries
     queries = loo.query_descriptors[:num_queries].copy()
     boxes = dataset.query_boxes
@@ -116,15 +119,15 @@ def rank_both_protocols(
         if box is not None and not _covers_image(box, dataset.query_paths[i])
     ]
     if to_crop:
-        cropped = extractor(
-            [dataset.query_paths[i] for i in to_crop], [boxes[i] for i in to_crop], progress=False
+        cropped = extract(
+            [str(dataset.query_paths[i]) for i in to_crop], [boxes[i] for i in to_crop]
         )
         queries[to_crop] = cropped.descriptors
     database = loo.database_descriptors[num_queries:]
     split = DatasetRanking(
         query_paths=loo.query_paths[:num_queries],
         database_paths=loo.query_paths[num_queries:],
-        ranks=similarity.rank_database(queries, database),
+        ranks=search.rank_database(queries, database),
         gnd=dataset.gnd,
         failures=loo.failures,
         query_descriptors=queries,
@@ -135,23 +138,19 @@ def rank_both_protocols(
 
 def rank_protocols(
     dataset: datasets.RetrievalDataset,
-    extractor: extraction.Extractor,
-    protocols: tuple[str, ...] | list[str] = ("split", "leave_one_out"),
-    *,
-    cache_dir: str | os.PathLike | None = None,
-    progress: bool = True,
+    extract: ExtractFn,
+    protocols: Sequence[str] = PROTOCOLS,
 ) -> dict[str, DatasetRanking]:
     """Rankings for the requested protocols, sharing one extraction when both are asked."""
-    unknown = set(protocols) - {"split", "leave_one_out"}
-    if unknown:
-        raise ValueError(f"unknown protocols {sorted(unknown)}; use split and leave_one_out.")
-    kwargs = dict(cache_dir=cache_dir, progress=progress)
-    if set(protocols) == {"split", "leave_one_out"}:
-        both = rank_both_protocols(dataset, extractor, **kwargs)
+    unknown = set(protocols) - set(PROTOCOLS)
+    if unknown or not protocols:
+        raise ValueError(f"unknown protocols {sorted(unknown)}; use split and/or leave_one_out.")
+    if set(protocols) == set(PROTOCOLS):
+        both = rank_both_protocols(dataset, extract)
         return {protocol: both[protocol] for protocol in protocols}
     if "split" in protocols:
-        return {"split": rank_split(dataset, extractor, **kwargs)}
-    return {"leave_one_out": rank_leave_one_out(dataset, extractor, **kwargs)}
+        return {"split": rank_split(dataset, extract)}
+    return {"leave_one_out": rank_leave_one_out(dataset, extract)}
 
 
 def _covers_image(box, path) -> bool:
@@ -165,32 +164,76 @@ def score(ranking: DatasetRanking) -> dict[str, Any]:
     return evaluation.revisited_evaluation(ranking.ranks, ranking.gnd, kappas=KAPPAS)
 
 
-def _cache_file(cache_dir, dataset_name: str, part: str, settings) -> pathlib.Path | None:
-    if cache_dir is None:
-        return None
-    scales = "-".join(f"{s:.3f}" for s in settings.scales)
-    name = (
-        f"{dataset_name}_{part}_{settings.backbone}_{settings.pooling}_{settings.max_side}"
-        f"_s{scales}.npz"
-    )
-    return pathlib.Path(cache_dir) / name
+def evaluate(
+    dataset: datasets.RetrievalDataset,
+    extract: ExtractFn,
+    *,
+    protocols: Sequence[str] = ("split",),
+    reranking: Sequence[str] = (),
+    rerank_settings: rerank_lib.RerankSettings = rerank_lib.RerankSettings(),
+    dsm_extractor: DSMFeatureExtractor | None = None,
+) -> tuple[dict[str, Any], dict[str, DatasetRanking]]:
+    """Metrics of every protocol, and of the split protocol re-ranked by each method.
+
+    Args:
+      dataset: A revisitop-layout dataset.
+      extract: ``(paths, boxes) -> ExtractionResult`` (e.g. an Extractor, or
+        :func:`cached_extraction`).
+      protocols: ``"split"`` and/or ``"leave_one_out"``.
+      reranking: Methods of :data:`experiments.rerank_lib.METHODS` applied to the split
+        protocol's ranking (``"none"`` is ignored).
+      rerank_settings: Their parameters (recorded in the output).
+      dsm_extractor: Local features for ``dsm`` and ``dsm+diffusion``.
+
+    Returns:
+      ``(results, rankings)``: ``results`` maps ``"dataset"``, ``"rerank_settings"``,
+      each protocol and each ``"split+<method>"`` to revisited metrics (JSON-ready);
+      ``rankings`` maps the same keys to their :class:`DatasetRanking`.
+    """
+    methods = [m for m in reranking if m != "none"]
+    unknown = set(methods) - set(rerank_lib.METHODS)
+    if unknown:
+        raise ValueError(
+            f"unknown re-ranking {sorted(unknown)}; choose from {', '.join(rerank_lib.METHODS)}."
+        )
+    if methods and "split" not in protocols:
+        raise ValueError("re-ranking applies to the split protocol; add 'split' to protocols.")
+    rankings = dict(rank_protocols(dataset, extract, protocols))
+    split = rankings.get("split")
+    for method in methods:
+        ranks = rerank_lib.rerank_split(
+            method,
+            split.query_descriptors,
+            split.database_descriptors,
+            settings=rerank_settings,
+            query_paths=split.query_paths,
+            database_paths=split.database_paths,
+            dsm_extractor=dsm_extractor,
+        )
+        rankings[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
+    results: dict[str, Any] = {"dataset": dataset.name}
+    if methods:
+        results["rerank_settings"] = dataclasses.asdict(rerank_settings)
+    for key, ranking in rankings.items():
+        results[key] = score(ranking)
+    return results, rankings
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """A Markdown table of Medium mAP and mP@k; rows hold dataset, settings, protocol metrics."""
+    """A Markdown table of Medium mAP and mP@k; rows hold dataset, model, protocol metrics."""
     columns = ["dataset", "backbone", "pooling", "max side", "scales", "protocol"]
     columns += ["mAP", "mP@1", "mP@5", "mP@10"]
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     for row in rows:
-        settings = row["settings"]
-        for protocol in ("split", "leave_one_out"):
+        model = row["model"]
+        for protocol in PROTOCOLS:
             if protocol not in row:
                 continue
             medium = row[protocol]["medium"]
             mp = medium["mp@k"]
             lines.append(
-                f"| {row['dataset']} | {settings['backbone']} | {settings['pooling']} "
-                f"| {settings['max_side']} | {len(settings['scales'])} | {protocol} "
+                f"| {row['dataset']} | {model['backbone']} | {model['pooling']} "
+                f"| {model['max_side']} | {len(model['scales'])} | {protocol} "
                 f"| {medium['map']:.3f} | {mp[1]:.3f} | {mp[5]:.3f} | {mp[10]:.3f} |"
             )
     return "\n".join(lines)

@@ -4,21 +4,23 @@ Used by ``python -m experiments.evaluate --rerank METHOD`` and the re-ranking be
 Every function takes query and database descriptors (L2-normalised rows) and returns a
 full ``(Q, N)`` ranking, best first; DSM also takes each image's local features.
 
+Every parameter is in :class:`RerankSettings`, which evaluation records in its JSON.
 Defaults are for small sets like ../shared/data (tens of images, 1-12 per scene): QE
 k = 2, alpha = 3; diffusion on a k = 5 mutual graph seeded by the query's nearest image
 with alpha 0.9 (benchmarks/diffusion_small_set_sweep.py shows why the paper's k = 50, 10
 seeds and alpha 0.99 fail there). For ROxford-sized sets use the paper's values.
 """
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-from experiments import match_lib
 from jaxretrieval import diffusion, query_expansion, similarity
 from jaxretrieval.spatial_verification import (
+    DSMFeatureExtractor,
     LocalFeatures,
     Reranking,
     dsm_diffusion_seeds,
@@ -28,6 +30,39 @@ from jaxretrieval.spatial_verification import (
 
 METHODS = ("none", "aqe", "alpha-qe", "dba+alpha-qe", "diffusion", "dsm", "dsm+diffusion")
 MIN_INLIERS = 5
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankSettings:
+    """Every parameter of every re-ranking method (recorded in evaluation JSON).
+
+    Attributes:
+      qe_k: Neighbours averaged by query expansion (and DBA).
+      qe_alpha: Exponent of alpha-QE / alpha-DBA weights.
+      graph_k: Neighbours of the diffusion graph (capped at N - 1).
+      num_seeds: Diffusion seeds: the query's nearest database images (or DSM-verified).
+      diffusion_alpha: Diffusion's alpha (random-walk continuation).
+      gamma: Affinity exponent of the graph and the seed weights.
+      dsm_max_side: Longer image side for DSM features (never enlarged).
+      dsm_threshold_cells: RANSAC inlier distance in cells of the full-scale feature map.
+      dsm_min_inliers: Fewer inliers than this count as unverified.
+      dsm_shortlist: Images verified per query; None verifies the whole database.
+      dsm_max_correspondences: Tentative correspondences per pair.
+      dsm_count_distinct: Count each feature at most once among the inliers.
+    """
+
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+    graph_k: int = 5
+    num_seeds: int = 1
+    diffusion_alpha: float = 0.9
+    gamma: float = 3.0
+    dsm_max_side: int = 512
+    dsm_threshold_cells: float = 2.0
+    dsm_min_inliers: int = MIN_INLIERS
+    dsm_shortlist: int | None = None
+    dsm_max_correspondences: int = 1024
+    dsm_count_distinct: bool = False
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -80,12 +115,14 @@ def diffusion_ranks(
 
 
 @functools.cache
-def _jitted_rerank(shortlist_size: int, count_distinct: bool, max_correspondences: int):
+def _jitted_rerank(
+    shortlist_size: int, count_distinct: bool, max_correspondences: int, min_inliers: int
+):
     return jax.jit(
         functools.partial(
             rerank_shortlist,
             shortlist_size=shortlist_size,
-            min_inliers=MIN_INLIERS,
+            min_inliers=min_inliers,
             max_correspondences=max_correspondences,
             count_distinct=count_distinct,
         )
@@ -102,6 +139,7 @@ def dsm_rerank(
     error_threshold: float = 64.0,
     max_correspondences: int = 1024,
     shortlist_size: int | None = None,
+    min_inliers: int = MIN_INLIERS,
 ) -> tuple[Reranking, np.ndarray]:
     """Verifies each query's shortlist with DSM and re-orders it by inliers.
 
@@ -117,6 +155,7 @@ def dsm_rerank(
       error_threshold: Inlier distance in image pixels (2 cells of the feature stride).
       max_correspondences: Tentative correspondences per pair.
       shortlist_size: Images verified per query (default: the whole database).
+      min_inliers: Fewer inliers than this count as unverified.
 
     Returns:
       The :class:`Reranking` and the (Q, N) inlier count of every verified pair (database
@@ -129,7 +168,8 @@ def dsm_rerank(
     global_ranks = ranks_of(scores).astype(np.int32)
     if shortlist_size is None:
         shortlist_size = num_database - (exclude is not None)
-    rerank = _jitted_rerank(shortlist_size, count_distinct, max_correspondences)
+    shortlist_size = min(shortlist_size, num_database - (exclude is not None))
+    rerank = _jitted_rerank(shortlist_size, count_distinct, max_correspondences, min_inliers)
     finite_scores = np.where(np.isfinite(scores), scores, -2.0)
     ranks, inliers_sorted = [], []
     for q in range(num_queries):
@@ -151,11 +191,11 @@ def dsm_rerank(
 
 
 def local_features(
-    paths: Sequence[str], extractor: match_lib.DSMFeatureExtractor, *, max_side: int = 512
+    paths: Sequence[str], extractor: DSMFeatureExtractor, *, max_side: int = 512
 ) -> LocalFeatures:
     """Stacked DSM local features of image files (host MSER per image)."""
     return stack_local_features(
-        [extractor(match_lib.load_resized(path, max_side)[0]) for path in paths]
+        [extractor(extractor.load(path, max_side=max_side)) for path in paths]
     )
 
 
@@ -164,15 +204,16 @@ def rerank_split(
     queries: np.ndarray,
     database: np.ndarray,
     *,
+    settings: RerankSettings = RerankSettings(),
     query_paths: Sequence[str] = (),
     database_paths: Sequence[str] = (),
-    dsm_extractor: match_lib.DSMFeatureExtractor | None = None,
-    dsm_max_side: int = 512,
+    dsm_extractor: DSMFeatureExtractor | None = None,
 ) -> np.ndarray:
     """(Q, N) ranks of one re-ranking method for queries that are not in the database.
 
-    ``dsm`` and ``dsm+diffusion`` need the image paths (local features are extracted from
-    them with ``dsm_extractor``, by default MobileNetV2 at ``dsm_max_side``).
+    ``dsm`` and ``dsm+diffusion`` need the image paths and ``dsm_extractor`` (the model
+    whose global descriptors are re-ranked, so that a fine-tuned network is verified with
+    its own activations).
     """
     if method not in METHODS:
         raise ValueError(f"unknown re-ranking {method!r}; choose from {', '.join(METHODS)}.")
@@ -180,22 +221,37 @@ def rerank_split(
     if method == "none":
         return ranks_of(scores)
     if method in ("aqe", "alpha-qe", "dba+alpha-qe"):
-        return query_expansion_ranks(method, queries, database)
+        return query_expansion_ranks(
+            method, queries, database, k=settings.qe_k, alpha=settings.qe_alpha
+        )
+    diffusion_kwargs = dict(
+        graph_k=settings.graph_k,
+        num_seeds=settings.num_seeds,
+        alpha=settings.diffusion_alpha,
+        gamma=settings.gamma,
+    )
     if method == "diffusion":
-        return diffusion_ranks(queries, database)
+        return diffusion_ranks(queries, database, **diffusion_kwargs)
     if len(query_paths) != len(queries) or len(database_paths) != len(database):
         raise ValueError("DSM re-ranking needs the query and database image paths.")
-    extractor = dsm_extractor or match_lib.DSMFeatureExtractor(pad_multiple=64)
-    threshold = 2.0 * extractor.spec.feature_stride
+    if dsm_extractor is None:
+        raise ValueError("DSM re-ranking needs a DSMFeatureExtractor (dsm_extractor).")
     reranking, _ = dsm_rerank(
         scores,
-        local_features(query_paths, extractor, max_side=dsm_max_side),
-        local_features(database_paths, extractor, max_side=dsm_max_side),
-        error_threshold=threshold,
+        local_features(query_paths, dsm_extractor, max_side=settings.dsm_max_side),
+        local_features(database_paths, dsm_extractor, max_side=settings.dsm_max_side),
+        error_threshold=settings.dsm_threshold_cells * dsm_extractor.feature_stride,
+        count_distinct=settings.dsm_count_distinct,
+        max_correspondences=settings.dsm_max_correspondences,
+        shortlist_size=settings.dsm_shortlist,
+        min_inliers=settings.dsm_min_inliers,
     )
     if method == "dsm":
         return np.asarray(reranking.ranks)
     seeds = dsm_diffusion_seeds(
-        reranking, num_database=len(database), num_seeds=1, min_inliers=MIN_INLIERS
+        reranking,
+        num_database=len(database),
+        num_seeds=settings.num_seeds,
+        min_inliers=settings.dsm_min_inliers,
     )
-    return diffusion_ranks(queries, database, seeds=np.asarray(seeds))
+    return diffusion_ranks(queries, database, seeds=np.asarray(seeds), **diffusion_kwargs)

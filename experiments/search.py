@@ -1,64 +1,75 @@
 """Search a folder of your own photos with a query image.
 
   python -m experiments.search --images ~/Pictures/trip --query ~/Pictures/trip/IMG_0042.jpg
+  python -m experiments.search --images ~/Pictures/trip --query q.jpg --checkpoint checkpoints/NAME
 
-The first run extracts descriptors for every image in the folder (a progress bar shows
-it) and saves them in --index-dir; later runs reuse them and only embed the query. Prints
-the ranked list and writes a picture of the results (--out).
+The query is read first (a bad query fails at once), then the folder is indexed: the
+first run extracts descriptors for every image (a progress bar shows it) and saves them
+in --index-dir (an interrupted run resumes); later runs reuse them and only embed the
+query. Prints the ranked list and writes a picture of the results (--out), which, like
+the index folder, is never indexed itself.
 """
 
-import argparse
 import logging
 import pathlib
 
 import numpy as np
 
-from experiments import extraction_args, plotting, search_lib
+from experiments import cli, plotting, search_lib
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     """Parses the command line."""
-    parser = argparse.ArgumentParser(
-        prog="python -m experiments.search",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    parser = cli.make_parser("search", __doc__)
     parser.add_argument("--images", required=True, help="folder of photos to index (recursive)")
     parser.add_argument("--query", required=True, nargs="+", help="query image file(s)")
-    parser.add_argument("--top-k", type=int, default=10, help="results per query (default 10)")
+    parser.add_argument("--top-k", type=cli._positive_int, default=10, help="results per query")
     parser.add_argument(
         "--index-dir",
         default=None,
-        help="where descriptors are cached (default: <images>/.jaxretrieval_index)",
+        help=f"where descriptors are cached (default: <images>/{search_lib.INDEX_DIR_NAME})",
     )
     parser.add_argument("--out", default="search_results.png", help="result picture (PNG)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    extraction_args.add_extraction_args(parser)
+    cli.add_model_args(parser)
     return parser.parse_args(argv)
 
 
-def main(argv=None) -> None:
-    """Indexes the folder (or reuses the cache), runs the queries, writes the picture."""
+def main(argv=None) -> list[list[str]]:
+    """Checks the query, indexes the folder (or reuses the cache), ranks, draws."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    extractor = extraction_args.extractor_from_args(args)
-    index_dir = args.index_dir or pathlib.Path(args.images) / ".jaxretrieval_index"
-    index = search_lib.FolderIndex(extractor, index_dir).build(args.images, progress=not args.quiet)
-    print(f"indexed {len(index.paths)} images from {args.images}")
+    if not pathlib.Path(args.images).is_dir():
+        raise cli.CLIError(f"--images {args.images}: no such folder")
+    for query in args.query:
+        if not pathlib.Path(query).is_file():
+            raise cli.CLIError(f"--query {query}: no such file")
+    cli.check_output_file(args.out)
+    extractor = cli.extractor_from_args(args)
+    queries = extractor(args.query, strict=True, progress=False)  # fails before indexing
+    index_dir = pathlib.Path(
+        args.index_dir or pathlib.Path(args.images) / search_lib.INDEX_DIR_NAME
+    )
+    index = search_lib.FolderIndex(extractor, index_dir).build(
+        args.images, exclude=[args.out], progress=not args.quiet
+    )
+    reused = f" (descriptors reused from {index_dir})" if index.reused else ""
+    print(f"indexed {len(index.paths)} images from {args.images}{reused}")
     for path, reason in index.failures:
         print(f"  skipped {path}: {reason}")
-    all_ranks = []
-    for query in args.query:
-        scores, indices = index.search(query, k=args.top_k)
+    scores, indices = index.search(queries.descriptors, k=args.top_k)
+    results = []
+    for query, query_scores, query_indices in zip(args.query, scores, indices, strict=True):
         print(f"\nquery {query}")
-        for rank, (score, i) in enumerate(zip(scores[0], indices[0], strict=True), 1):
+        for rank, (score, i) in enumerate(zip(query_scores, query_indices, strict=True), 1):
             print(f"  {rank:3d}  {score:.4f}  {index.paths[i]}")
-        all_ranks.append(indices[0])
+        results.append([index.paths[i] for i in query_indices])
     out = plotting.save_result_grid(
-        args.query, index.paths, np.stack(all_ranks), args.out, top_k=args.top_k
+        args.query, index.paths, np.asarray(indices), args.out, top_k=args.top_k
     )
     print(f"\nwrote {out}")
+    return results
 
 
 if __name__ == "__main__":
-    main()
+    cli.run(main, prog="search")

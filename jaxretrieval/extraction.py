@@ -1,8 +1,14 @@
 """Batched, jitted, multi-scale descriptor extraction over lists of image files.
 
-Host side of the pipeline: decoding (OpenCV, in a thread pool), resizing, bucketing and
-padding happen here; the device runs one jitted function ``backbone -> feature map ->
-masked pooling -> L2`` per bucket shape.
+An :class:`Extractor` is built from a model and its variables
+(:class:`~jaxretrieval.retrieval_model.ModelConfig` + Flax variables: pretrained, from a
+saved model directory, or the current state of a training run), so GeM's ``p``, a
+whitening layer or a fine-tuned backbone are what every CLI runs.
+
+Host side: decoding (OpenCV, in a thread pool) through
+:func:`jaxretrieval.data.images.load_scaled`, bucketing and padding. Device side: one
+jitted ``RetrievalModel.apply`` per bucket shape, the batch sharded over every device (a
+``data`` mesh axis, :mod:`jaxretrieval.sharding`) and the variables replicated.
 
 Why buckets: every distinct input shape costs a 1-2.5 s compile on a 2-core CPU, and a
 folder of photos has dozens of aspect ratios. Each resized image is zero-padded up to a
@@ -12,8 +18,15 @@ padded to ``batch_size`` with blank images. The pooling ignores padded feature p
 through its ``valid`` mask, so a padded image pools its own pixels only.
 
 Multi-scale (cirtorch convention): the image is resized to ``max_side * s`` for each scale
-``s``; per-scale L2-normalised descriptors are combined by a generalised mean with the GeM
-exponent (``p = 1`` for SPoC/MAC), then L2-normalised again.
+``s``; per-scale L2-normalised poolings are combined by a generalised mean with the
+model's GeM exponent (``p = 1`` for other poolings), L2-normalised, and only then whitened
+(as cirtorch applies its learned whitening to the multi-scale descriptor). With one scale
+this is exactly the model's ``descriptors`` output.
+
+Descriptor caches (:func:`extract_cached`) are keyed by :attr:`Extractor.cache_key`: the
+model config, a digest of the variables actually used, the settings, and each file's
+path, size and mtime. Extraction saves its progress in chunks with atomic writes, so an
+interrupted run resumes without recomputing finished images.
 """
 
 import concurrent.futures
@@ -25,16 +38,17 @@ import logging
 import math
 import os
 import pathlib
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxretrieval import backbones, normalization, pooling
+from jaxretrieval import layers, model_io, normalization, pooling, retrieval_model, sharding
 from jaxretrieval.data import images as image_io
+from jaxretrieval.retrieval_model import ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -42,52 +56,54 @@ MULTI_SCALES = (1.0, 1 / math.sqrt(2), 0.5)
 POOLINGS = pooling.POOLINGS
 REGIONAL_POOLINGS = pooling.REGIONAL_POOLINGS
 Box = Sequence[float | int]  # (x1, y1, x2, y2) in pixels
+CACHE_FORMAT = 2  # bump when the cache's meaning changes
 
 
 @dataclasses.dataclass(frozen=True)
 class ExtractionSettings:
-    """What to extract; hashable, so it keys the compiled-kernel and on-disk caches.
+    """How to extract (what to extract is the model); hashable.
 
     Attributes:
-      backbone: Name in :data:`jaxretrieval.backbones.BACKBONES`.
-      feature_name: Feature map to pool; None uses the backbone's default (last conv).
-      pooling: ``"gem"``, ``"mac"`` or ``"spoc"``.
-      gem_p: GeM exponent (also the multi-scale combination exponent for GeM).
-      max_side: Longer image side in pixels at scale 1 (images are resized up or down).
+      max_side: Longer image side in pixels at scale 1 (images are resized up or down);
+        None uses the model's ``max_side``.
       scales: Scales relative to ``max_side``; ``MULTI_SCALES`` is 1, 1/sqrt(2), 1/2.
+        None uses the model's ``scales``.
       size_multiple: Padding granularity in pixels for shape buckets.
-      batch_size: Images per device call (last batch padded with blank images).
+      batch_size: Images per device call (rounded up to a multiple of the device count;
+        the last batch is padded with blank images).
       extra_poolings: More poolings computed from the same feature maps in the same pass
-        (``ExtractionResult.by_pooling``); used to compare poolings at the cost of one.
+        (``ExtractionResult.by_pooling``, not whitened); used to compare poolings at the
+        cost of one.
+      max_pixels: Refuse images with more pixels than this (decompression bombs).
     """
 
-    backbone: str = "mobilenet_v2"
-    feature_name: str | None = None
-    pooling: str = "gem"
-    gem_p: float = 3.0
-    max_side: int = 224
-    scales: tuple[float, ...] = (1.0,)
+    max_side: int | None = None
+    scales: tuple[float, ...] | None = None
     size_multiple: int = 32
     batch_size: int = 8
     extra_poolings: tuple[str, ...] = ()
-
-    @property
-    def poolings(self) -> tuple[str, ...]:
-        """The main pooling first, then the extra ones (without repeats)."""
-        return tuple(dict.fromkeys((self.pooling, *self.extra_poolings)))
+    max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS
 
     def __post_init__(self):
-        for name in self.poolings:
+        for name in self.extra_poolings:
             if name not in POOLINGS:
                 raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, found {name!r}.")
-        if self.backbone not in backbones.BACKBONES:
-            raise ValueError(
-                f"unknown backbone {self.backbone!r}; available: {sorted(backbones.BACKBONES)}."
-            )
-        if self.max_side < 16 or self.batch_size < 1 or self.size_multiple < 1:
-            raise ValueError(f"invalid sizes in {self}.")
-        if not self.scales or any(s <= 0 for s in self.scales):
-            raise ValueError(f"scales must be positive, found {self.scales}.")
+        if self.max_side is not None and self.max_side < 16:
+            raise ValueError(f"max_side must be at least 16 pixels, found {self.max_side}.")
+        if self.batch_size < 1 or self.size_multiple < 1:
+            raise ValueError(f"batch_size and size_multiple must be positive in {self}.")
+        if self.scales is not None:
+            if not self.scales or any(s <= 0 for s in self.scales):
+                raise ValueError(f"scales must be positive, found {self.scales}.")
+            object.__setattr__(self, "scales", tuple(float(s) for s in self.scales))
+
+    def resolved(self, model: ModelConfig) -> "ExtractionSettings":
+        """These settings with ``max_side`` and ``scales`` taken from the model if None."""
+        return dataclasses.replace(
+            self,
+            max_side=model.max_side if self.max_side is None else self.max_side,
+            scales=model.scales if self.scales is None else self.scales,
+        )
 
 
 @dataclasses.dataclass
@@ -100,8 +116,8 @@ class ExtractionResult:
       paths: The N image paths, in input order.
       failures: (path, reason) for each unreadable image.
       compiled_shapes: The distinct (batch, height, width) input shapes run on the device.
-      by_pooling: Descriptors of every pooling in ``settings.poolings`` (the main one is
-        ``descriptors``).
+      by_pooling: Unwhitened descriptors of the model's pooling and of every extra one.
+      reused_from: The cache file the descriptors were read from, or None if extracted.
     """
 
     descriptors: np.ndarray
@@ -110,46 +126,127 @@ class ExtractionResult:
     failures: list[tuple[str, str]]
     compiled_shapes: list[tuple[int, int, int]]
     by_pooling: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+    reused_from: str | None = None
+
+
+def concatenate_results(results: Sequence[ExtractionResult]) -> ExtractionResult:
+    """Results of consecutive lists of images as one result (e.g. resumed chunks)."""
+    if not results:
+        raise ValueError("concatenate_results needs at least one result.")
+    names = results[0].by_pooling.keys()
+    return ExtractionResult(
+        descriptors=np.concatenate([r.descriptors for r in results]),
+        valid=np.concatenate([r.valid for r in results]),
+        paths=[p for r in results for p in r.paths],
+        failures=[f for r in results for f in r.failures],
+        compiled_shapes=sorted({s for r in results for s in r.compiled_shapes}),
+        by_pooling={n: np.concatenate([r.by_pooling[n] for r in results]) for n in names},
+    )
 
 
 class Extractor:
-    """Extracts global descriptors for image files with one backbone and pooling.
+    """Global descriptors of image files with one model and its variables.
 
     Args:
-      settings: What to extract.
-      weights_path: Optional ``.pth`` file; default is the backbone's shipped weights.
+      model: What the model is.
+      variables: Its Flax variables (``params``/``batch_stats``, backbone under
+        ``"backbone"``), e.g. from :func:`jaxretrieval.model_io.load_model`.
+      settings: How to extract; ``max_side``/``scales`` default to the model's.
       num_decode_threads: Threads decoding and resizing images (OpenCV releases the GIL).
+      devices: Devices to shard batches over (default: all).
 
     Examples:
-      ``Extractor(ExtractionSettings(max_side=224))(paths).descriptors``
+      ``Extractor.pretrained(ModelConfig(max_side=224))(paths).descriptors``
     """
 
     def __init__(
         self,
+        model: ModelConfig,
+        variables: dict[str, Any],
         settings: ExtractionSettings = ExtractionSettings(),
         *,
-        weights_path: str | os.PathLike | None = None,
         num_decode_threads: int = 2,
+        devices: Sequence[jax.Device] | None = None,
     ):
-        self.settings = settings
-        module, variables, spec = backbones.load_backbone(settings.backbone, weights_path)
-        self.spec = spec
-        self.feature_name = settings.feature_name or spec.feature_name
-        self.variables = variables
-        if set(settings.poolings) & REGIONAL_POOLINGS and settings.size_multiple != (
-            spec.feature_stride
+        self.model = model
+        self.spec = model.spec
+        self.settings = settings.resolved(model)
+        self.mesh = sharding.data_mesh(devices)
+        self.batch_size = sharding.round_up_to_devices(self.settings.batch_size, self.mesh)
+        self.module = retrieval_model.make_model(model)
+        poolings = (model.pooling, *self.settings.extra_poolings)
+        if set(poolings) & REGIONAL_POOLINGS and self.settings.size_multiple != (
+            self.module.feature_stride
         ):
             raise ValueError(
                 f"regional poolings need size_multiple == the feature stride "
-                f"({spec.feature_stride}) so that padded maps have the real size; "
-                f"found {settings.size_multiple}."
+                f"({self.module.feature_stride}) so that padded maps have the real size; "
+                f"found {self.settings.size_multiple}."
             )
-        if "cam" in settings.poolings and "classifier" not in variables.get("params", {}):
-            raise ValueError(f"'cam' pooling needs a classifier; {settings.backbone} has none.")
-        self._kernel = _descriptor_kernel(
-            module, self.feature_name, settings.poolings, spec.feature_stride
-        )
+        if "cam" in poolings and "classifier" not in variables.get("params", {}).get(
+            "backbone", {}
+        ):
+            raise ValueError(f"'cam' pooling needs a classifier; {model.backbone} has none.")
+        self._kernel = _descriptor_kernel(self.module, tuple(dict.fromkeys(poolings)))
+        self._whiten = _whitening_kernel(model.whitening_dim)
         self._num_decode_threads = num_decode_threads
+        self._set_variables(variables)
+
+    @classmethod
+    def pretrained(
+        cls,
+        model: ModelConfig = ModelConfig(),
+        settings: ExtractionSettings = ExtractionSettings(),
+        *,
+        weights_path: str | os.PathLike | None = None,
+        **kwargs: Any,
+    ) -> "Extractor":
+        """An extractor with the backbone's ImageNet weights (shipped, or ``weights_path``).
+
+        Raises:
+          FileNotFoundError: No weights available offline for this backbone.
+        """
+        variables = retrieval_model.init_model_variables(model, weights_path=weights_path)
+        return cls(model, variables, settings, **kwargs)
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | os.PathLike,
+        settings: ExtractionSettings = ExtractionSettings(),
+        **kwargs: Any,
+    ) -> "Extractor":
+        """An extractor for a saved model directory (or a training work directory).
+
+        Raises:
+          jaxretrieval.model_io.ModelDirectoryError: Not a usable model directory.
+        """
+        model, variables = model_io.load_model(path)
+        return cls(model, variables, settings, **kwargs)
+
+    def with_variables(self, variables: dict[str, Any]) -> "Extractor":
+        """The same extractor (and compiled kernels) with other variables of the model."""
+        clone = object.__new__(Extractor)
+        clone.__dict__.update(self.__dict__)
+        clone._set_variables(variables)
+        return clone
+
+    def _set_variables(self, variables: dict[str, Any]) -> None:
+        self.variables = jax.device_put(variables, sharding.replicated(self.mesh))
+        self.variables_digest = model_io.variables_digest(variables)
+        self.gem_p = retrieval_model.gem_exponent(self.model, variables)
+
+    @property
+    def cache_key(self) -> str:
+        """What the descriptors depend on besides the images: model, weights, settings."""
+        document = {
+            "format": CACHE_FORMAT,
+            "model": self.model.to_json_dict(),
+            "variables": self.variables_digest,
+            "settings": dataclasses.asdict(self.settings),
+            "batch_size": self.batch_size,
+        }
+        return json.dumps(document, sort_keys=True, default=list)
 
     def __call__(
         self,
@@ -159,6 +256,8 @@ class Extractor:
         strict: bool = False,
         progress: bool = True,
         chunk_images: int = 256,
+        on_chunk: Callable[[ExtractionResult], None] | None = None,
+        done: ExtractionResult | None = None,
     ) -> ExtractionResult:
         """Extracts one descriptor per image.
 
@@ -169,6 +268,9 @@ class Extractor:
           strict: Raise on the first unreadable image instead of skipping it.
           progress: Show a tqdm progress bar.
           chunk_images: Images decoded and bucketed together (bounds host memory).
+          on_chunk: Called with the result so far after each chunk (saves progress).
+          done: A result for the first ``len(done.paths)`` images (a resumed run); only
+            the rest is extracted.
 
         Returns:
           An :class:`ExtractionResult` aligned with ``paths``.
@@ -180,62 +282,101 @@ class Extractor:
         paths = [os.fspath(p) for p in paths]
         if boxes is not None and len(boxes) != len(paths):
             raise ValueError(f"got {len(boxes)} boxes for {len(paths)} images.")
+        parts = [] if done is None else [done]
+        start = 0 if done is None else len(done.paths)
+        bar = tqdm(
+            total=len(paths), initial=start, desc="extracting", unit="img", disable=not progress
+        )
+        with concurrent.futures.ThreadPoolExecutor(self._num_decode_threads) as decoders:
+            for chunk_start in range(start, len(paths), chunk_images):
+                chunk = slice(chunk_start, min(chunk_start + chunk_images, len(paths)))
+                parts.append(
+                    self._extract_chunk(
+                        paths[chunk], boxes[chunk] if boxes else None, strict, decoders
+                    )
+                )
+                bar.update(len(parts[-1].paths))
+                if on_chunk is not None:
+                    on_chunk(concatenate_results(parts))
+        bar.close()
+        if not parts:  # no images at all
+            return self._empty_result()
+        result = concatenate_results(parts)
+        logger.info(
+            "extracted %d images (%d unreadable) with %d input shapes: %s",
+            len(paths), len(result.failures), len(result.compiled_shapes),
+            result.compiled_shapes,
+        )  # fmt: skip
+        return result
+
+    def _empty_result(self) -> ExtractionResult:
+        dims = self._dims()
+        return ExtractionResult(
+            descriptors=np.zeros((0, dims[self.model.pooling + "/out"]), np.float32),
+            valid=np.zeros(0, bool),
+            paths=[],
+            failures=[],
+            compiled_shapes=[],
+            by_pooling={n: np.zeros((0, d), np.float32) for n, d in dims.items() if "/" not in n},
+        )
+
+    def _dims(self) -> dict[str, int]:
+        """Output dimension of each pooling (and of the final descriptor, ``<name>/out``)."""
+        channels = self.spec.feature_channels
+        dims = {
+            name: channels * (2 if name == "ramac" else 1)
+            for name in (self.model.pooling, *self.settings.extra_poolings)
+        }
+        dims[self.model.pooling + "/out"] = self.model.whitening_dim or dims[self.model.pooling]
+        return dims
+
+    def _extract_chunk(self, paths, boxes, strict, decoders) -> ExtractionResult:
+        """Decodes, buckets and runs one chunk of images; combines scales per image."""
         settings = self.settings
         num_scales = len(settings.scales)
-        per_scale: dict[str, np.ndarray] = {}  # pooling -> (S, N, D), D known after 1st batch
+        prepared = decoders.map(
+            lambda i: self._prepare(paths[i], boxes[i] if boxes else None, strict),
+            range(len(paths)),
+        )
         valid = np.zeros(len(paths), bool)
         failures: list[tuple[str, str]] = []
-        shapes: set[tuple[int, int, int]] = set()
-        bar = tqdm(total=len(paths), desc="extracting", unit="img", disable=not progress)
-        with concurrent.futures.ThreadPoolExecutor(self._num_decode_threads) as pool:
-            for start in range(0, len(paths), chunk_images):
-                indices = range(start, min(start + chunk_images, len(paths)))
-                prepared = pool.map(
-                    lambda i: self._prepare(paths[i], boxes[i] if boxes else None, strict),
-                    indices,
-                )
-                buckets: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
-                for index, item in zip(indices, prepared, strict=True):
-                    if isinstance(item, str):
-                        failures.append((paths[index], item))
-                        logger.warning("skipping unreadable image %s: %s", paths[index], item)
-                        continue
-                    valid[index] = True
-                    for scale_index, image in enumerate(item):
-                        key = self._bucket(image.shape[:2])
-                        buckets.setdefault(key, []).append((index, scale_index, image))
-                for (height, width), items in buckets.items():
-                    for batch_start in range(0, len(items), settings.batch_size):
-                        batch = items[batch_start : batch_start + settings.batch_size]
-                        outputs = self._run_batch(batch, height, width)
-                        shapes.add((settings.batch_size, height, width))
-                        for name, descriptors in outputs.items():
-                            if name not in per_scale:
-                                per_scale[name] = np.zeros(
-                                    (num_scales, len(paths), descriptors.shape[1]), np.float32
-                                )
-                            for slot, (index, scale_index, _) in enumerate(batch):
-                                per_scale[name][scale_index, index] = descriptors[slot]
-                bar.update(len(indices))
-        bar.close()
-        logger.info(
-            "extracted %d images (%d failed) with %d input shapes: %s",
-            len(paths), len(failures), len(shapes), sorted(shapes),
-        )  # fmt: skip
-        if failures:
-            logger.warning("%d unreadable images: %s", len(failures), [p for p, _ in failures])
+        buckets: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+        for index, item in enumerate(prepared):
+            if isinstance(item, str):
+                failures.append((paths[index], item))
+                logger.debug("skipping unreadable image %s: %s", paths[index], item)
+                continue
+            valid[index] = True
+            for scale_index, image in enumerate(item):
+                key = self._bucket(image.shape[:2])
+                buckets.setdefault(key, []).append((index, scale_index, image))
+        dims = self._dims()
+        per_scale = {
+            name: np.zeros((num_scales, len(paths), dims[name]), np.float32)
+            for name in dims
+            if "/" not in name
+        }
+        shapes = set()
+        for (height, width), items in buckets.items():
+            for batch_start in range(0, len(items), self.batch_size):
+                batch = items[batch_start : batch_start + self.batch_size]
+                outputs = self._run_batch(batch, height, width)
+                shapes.add((self.batch_size, height, width))
+                for name, descriptors in outputs.items():
+                    for slot, (index, scale_index, _) in enumerate(batch):
+                        per_scale[name][scale_index, index] = descriptors[slot]
         by_pooling = {}
-        for name in settings.poolings:
-            if name not in per_scale:  # no readable image: dimension from the backbone
-                channels = self.spec.feature_channels * (2 if name == "ramac" else 1)
-                per_scale[name] = np.zeros((num_scales, len(paths), channels), np.float32)
-            exponent = settings.gem_p if name == "gem" else 1.0
-            combined = combine_scales(per_scale[name], exponent) * valid[:, None]
-            by_pooling[name] = combined.astype(np.float32)
+        for name, stacked in per_scale.items():
+            exponent = self.gem_p if name == self.model.pooling else _pooling_exponent(name)
+            by_pooling[name] = combine_scales(stacked, exponent) * valid[:, None]
+        descriptors = by_pooling[self.model.pooling]
+        if self.model.whitening_dim is not None:
+            descriptors = np.asarray(self._whiten(self.variables["params"], descriptors))
+            descriptors = descriptors * valid[:, None]
         return ExtractionResult(
-            descriptors=by_pooling[settings.pooling],
+            descriptors=descriptors.astype(np.float32),
             valid=valid,
-            paths=paths,
+            paths=list(paths),
             failures=failures,
             compiled_shapes=sorted(shapes),
             by_pooling=by_pooling,
@@ -244,38 +385,43 @@ class Extractor:
     def _prepare(self, path: str, box: Box | None, strict: bool) -> list[np.ndarray] | str:
         """Decodes, crops and resizes one image per scale; an error string if unreadable."""
         try:
-            image = image_io.load_image(path)
+            scaled = image_io.load_scaled(
+                path,
+                max_side=self.settings.max_side,
+                scales=self.settings.scales,
+                box=box,
+                max_pixels=self.settings.max_pixels,
+            )
         except image_io.ImageDecodeError as e:
             if strict:
                 raise
-            return str(e)
-        if box is not None:
-            image = image_io.crop_to_box(image, box)
-        resized = []
-        for scale in self.settings.scales:
-            max_side = max(1, round(self.settings.max_side * scale))
-            resized.append(
-                image_io.normalize_image(
-                    image_io.resize_max_side(image, max_side),
-                    mean=self.spec.input_mean,
-                    std=self.spec.input_std,
-                )
-            )
-        return resized
+            return e.reason
+        mean, std = self.spec.input_mean, self.spec.input_std
+        return [image_io.normalize_image(image, mean=mean, std=std) for image in scaled]
 
     def _bucket(self, size: tuple[int, int]) -> tuple[int, int]:
         multiple = self.settings.size_multiple
         return tuple(-(-s // multiple) * multiple for s in size)
 
     def _run_batch(self, batch, height: int, width: int) -> dict[str, np.ndarray]:
-        batch_size = self.settings.batch_size
-        images = np.zeros((batch_size, height, width, 3), np.float32)
-        sizes = np.ones((batch_size, 2), np.int32)  # blank padding images: 1x1 real pixels
+        images = np.zeros((self.batch_size, height, width, 3), np.float32)
+        sizes = np.ones((self.batch_size, 2), np.int32)  # blank padding images: 1x1 real pixels
         for slot, (_, _, image) in enumerate(batch):
             images[slot, : image.shape[0], : image.shape[1]] = image
             sizes[slot] = image.shape[:2]
-        out = self._kernel(self.variables, images, sizes, np.float32(self.settings.gem_p))
+        placement = sharding.batch_sharding(self.mesh)
+        out = self._kernel(
+            self.variables,
+            jax.device_put(images, placement),
+            jax.device_put(sizes, placement),
+            np.float32(self.model.gem_p),
+        )
         return {name: np.asarray(x)[: len(batch)] for name, x in out.items()}
+
+
+def _pooling_exponent(name: str) -> float:
+    """Scale-combination exponent of an extra pooling: 3 for GeM (cirtorch), else 1."""
+    return 3.0 if name == "gem" else 1.0
 
 
 def combine_scales(per_scale: np.ndarray, exponent: float) -> np.ndarray:
@@ -294,40 +440,49 @@ def combine_scales(per_scale: np.ndarray, exponent: float) -> np.ndarray:
 
 
 @functools.cache
-def _descriptor_kernel(module, feature_name: str, pooling_names: tuple[str, ...], stride: int):
-    """One jitted ``images -> {pooling: descriptors}`` function per backbone/layer/poolings.
+def _descriptor_kernel(module: retrieval_model.RetrievalModel, pooling_names: tuple[str, ...]):
+    """One jitted ``images -> {pooling: pooled}`` function per model and pooling set.
 
     Cached so repeated extractors share compiled code (big_vision's get_eval_fn pattern).
+    The first name is the model's own pooling (its learnt GeM ``p``); the others are
+    computed from the same masked feature map.
     """
 
     @jax.jit
     def kernel(variables, images, sizes, p):
-        _, features = module.apply(variables, images, train=False)
-        feature_map = features[feature_name]  # (B, h, w, C)
-        _, map_height, map_width, _ = feature_map.shape
-        # Real extent of each image on the feature map: ceil(size / stride), which is what
-        # stride-2 convolutions with symmetric or 'SAME' padding produce.
-        real = -(-sizes // stride)  # (B, 2)
-        valid = (jnp.arange(map_height)[None, :, None] < real[:, 0, None, None]) & (
-            jnp.arange(map_width)[None, None, :] < real[:, 1, None, None]
-        )  # (B, h, w)
-        classifier = variables["params"].get("classifier")
-        return {
-            name: pooling.global_descriptor(
-                feature_map, valid, pooling_name=name, p=p, classifier=classifier
+        out = module.apply(variables, images, sizes)
+        pooled = {pooling_names[0]: out["pooled"]}
+        classifier = variables["params"]["backbone"].get("classifier")
+        for name in pooling_names[1:]:
+            pooled[name] = pooling.global_descriptor(
+                out["features"], out["valid"], pooling_name=name, p=p, classifier=classifier
             )
-            for name in pooling_names
-        }
+        return pooled
 
     return kernel
+
+
+@functools.cache
+def _whitening_kernel(dim: int | None):
+    """Jitted ``(params, pooled) -> whitened`` with the model's whitening layer."""
+    if dim is None:
+        return None
+    layer = layers.WhiteningLayer(features=dim)
+    return jax.jit(lambda params, x: layer.apply({"params": params["whitening"]}, x))
 
 
 # --- descriptors on disk --------------------------------------------------------------
 
 
-def fingerprint(paths: Sequence[str], boxes: Sequence[Box | None] | None, settings) -> str:
-    """Hash of settings, paths, boxes and each file's size and mtime (cache validity)."""
-    digest = hashlib.sha256(json.dumps(dataclasses.asdict(settings), sort_keys=True).encode())
+def fingerprint(paths: Sequence[str], boxes: Sequence[Box | None] | None, model_key: str) -> str:
+    """Hash of the model key, paths, boxes and each file's size and mtime (cache validity).
+
+    Args:
+      paths: Image files.
+      boxes: Their crops, or None.
+      model_key: What else the descriptors depend on (:attr:`Extractor.cache_key`).
+    """
+    digest = hashlib.sha256(model_key.encode())
     for i, path in enumerate(paths):
         try:
             stat = os.stat(path)
@@ -340,7 +495,7 @@ def fingerprint(paths: Sequence[str], boxes: Sequence[Box | None] | None, settin
 
 
 def save_descriptors(path: str | os.PathLike, result: ExtractionResult, key: str) -> None:
-    """Writes descriptors with their image list as .npz (no pickled objects)."""
+    """Writes descriptors with their image list as .npz (no pickled objects), atomically."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
@@ -357,27 +512,63 @@ def save_descriptors(path: str | os.PathLike, result: ExtractionResult, key: str
 
 
 def load_descriptors(path: str | os.PathLike, key: str | None = None) -> ExtractionResult | None:
-    """Reads :func:`save_descriptors` output; None if absent or saved for another key."""
+    """Reads :func:`save_descriptors` output.
+
+    Returns:
+      The result, or None if the file is absent, saved for another key, or unreadable
+      (a corrupt or truncated file is reported in the log and will be recomputed).
+    """
     path = pathlib.Path(path)
     if not path.exists():
         return None
-    with np.load(path, allow_pickle=False) as data:
-        if key is not None and str(data["key"]) != key:
-            return None
-        failures = [tuple(f.split("\t", 1)) for f in data["failures"].tolist()]
-        by_pooling = {
-            name.removeprefix("pooling__"): data[name]
-            for name in data.files
-            if name.startswith("pooling__")
-        }
-        return ExtractionResult(
-            descriptors=data["descriptors"],
-            valid=data["valid"],
-            paths=data["paths"].tolist(),
-            failures=failures,
-            compiled_shapes=[],
-            by_pooling=by_pooling,
+    try:
+        # Our own handle: np.load leaks its file when the zip directory is corrupt.
+        with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
+            if key is not None and str(data["key"]) != key:
+                return None
+            failures = [tuple(f.split("\t", 1)) for f in data["failures"].tolist()]
+            by_pooling = {
+                name.removeprefix("pooling__"): data[name]
+                for name in data.files
+                if name.startswith("pooling__")
+            }
+            result = ExtractionResult(
+                descriptors=data["descriptors"],
+                valid=data["valid"],
+                paths=data["paths"].tolist(),
+                failures=failures,
+                compiled_shapes=[],
+                by_pooling=by_pooling,
+                reused_from=str(path),
+            )
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as e:
+        logger.warning(
+            "descriptor cache %s is unreadable (%s: %s); recomputing", path, type(e).__name__, e
         )
+        return None
+    if len(result.paths) != len(result.descriptors) or len(result.valid) != len(result.paths):
+        logger.warning("descriptor cache %s is inconsistent; recomputing", path)
+        return None
+    return result
+
+
+def _partial_file(cache_file: pathlib.Path) -> pathlib.Path:
+    return cache_file.with_name(cache_file.name + ".partial.npz")
+
+
+def check_writable(directory: str | os.PathLike) -> None:
+    """Raises ``PermissionError`` naming ``directory`` if files cannot be written there.
+
+    Called before long work whose result is saved there, so the failure comes first.
+    """
+    directory = pathlib.Path(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".write_test_{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise PermissionError(f"cannot write to {directory} ({e.strerror or e})") from e
 
 
 def extract_cached(
@@ -386,21 +577,44 @@ def extract_cached(
     boxes: Sequence[Box | None] | None = None,
     *,
     cache_file: str | os.PathLike | None = None,
+    chunk_images: int = 128,
     **kwargs: Any,
 ) -> ExtractionResult:
     """Runs ``extractor`` unless ``cache_file`` holds descriptors for the same inputs.
 
-    The cache is keyed by :func:`fingerprint`, so changed settings, files or boxes
-    trigger a fresh extraction.
+    The cache is keyed by :func:`fingerprint` of the extractor's model, variables and
+    settings and of the files, so changed weights, settings, files or boxes trigger a
+    fresh extraction. Progress is saved every ``chunk_images`` images to
+    ``<cache_file>.partial.npz``; an interrupted run resumes from it.
+
+    Raises:
+      PermissionError: ``cache_file``'s folder is not writable (checked first).
     """
     paths = [os.fspath(p) for p in paths]
     if cache_file is None:
-        return extractor(paths, boxes, **kwargs)
-    key = fingerprint(paths, boxes, extractor.settings)
+        return extractor(paths, boxes, chunk_images=chunk_images, **kwargs)
+    cache_file = pathlib.Path(cache_file)
+    check_writable(cache_file.parent)
+    key = fingerprint(paths, boxes, extractor.cache_key)
     cached = load_descriptors(cache_file, key)
     if cached is not None:
         logger.info("reusing descriptors from %s", cache_file)
         return cached
-    result = extractor(paths, boxes, **kwargs)
+    partial_file = _partial_file(cache_file)
+    done = load_descriptors(partial_file, key)
+    if done is not None:
+        if done.paths != paths[: len(done.paths)]:
+            done = None
+        else:
+            logger.info("resuming after %d images from %s", len(done.paths), partial_file)
+    result = extractor(
+        paths,
+        boxes,
+        chunk_images=chunk_images,
+        done=done,
+        on_chunk=lambda so_far: save_descriptors(partial_file, so_far, key),
+        **kwargs,
+    )
     save_descriptors(cache_file, result, key)
+    partial_file.unlink(missing_ok=True)
     return result

@@ -67,8 +67,9 @@ def test_every_pooling_matches_pooled_descriptors(name, images):
 def test_whitening_head_matches_apply_whitening(images):
     rng = np.random.default_rng(0)
     learned = whitening.learn_pca_whitening(rng.normal(size=(40, 8)).astype(np.float32), dim=4)
-    model, variables = _tiny_model(images, whitening=learned)
-    out = model.apply(variables, images)
+    model, variables = _tiny_model(images, whitening_dim=4)
+    params = {**variables["params"], "whitening": retrieval_model.whitening_params(learned)}
+    out = model.apply({**variables, "params": params}, images)
     np.testing.assert_allclose(
         out["descriptors"], whitening.apply_whitening(learned, out["pooled"]), atol=1e-5
     )

@@ -24,6 +24,13 @@ reason. Decisions, each checked by a test in ``tests/data/test_images.py``:
   (chunk lengths are followed, CRCs are left to libpng). Bytes after the end marker (e.g.
   a video appended to a "motion photo") are allowed. Other formats rely on OpenCV.
 * **Output channel order is RGB** (OpenCV decodes BGR).
+* **Decompression bombs are refused.** An image above ``max_pixels`` (default
+  :data:`DEFAULT_MAX_PIXELS`, PIL's limit) is refused from its header before decoding:
+  a 1.2 MB 20000 x 20000 PNG would otherwise cost 2.4 GB of memory. Formats whose header
+  we do not parse are checked after decoding (OpenCV's own limit is 2^30 pixels).
+
+:func:`load_scaled` is the one decode -> crop -> resize path: global extraction, DSM
+features and training all start from it.
 """
 
 import math
@@ -45,6 +52,8 @@ _STANDALONE_MARKERS = frozenset([0x01, *range(0xD0, 0xD8), 0xD8, 0xD9])
 # Start-of-frame markers (all SOFn except DHT C4, JPG C8 and DAC CC).
 _SOF_MARKERS = frozenset(set(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC})
 _EXIF_ORIENTATION_TAG = 0x0112
+# PIL's Image.MAX_IMAGE_PIXELS * 2, its hard "decompression bomb" error.
+DEFAULT_MAX_PIXELS = 178_956_970
 
 
 class ImageDecodeError(ValueError):
@@ -165,7 +174,18 @@ def _to_uint8(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     raise ImageDecodeError(path, f"unsupported sample type {image.dtype} (expected 8/16-bit)")
 
 
-def load_image(path: str | os.PathLike) -> UInt8[np.ndarray, "H W 3"]:
+def _check_pixels(path: str | os.PathLike, size: tuple[int, int], max_pixels: int | None) -> None:
+    if max_pixels is not None and size[0] * size[1] > max_pixels:
+        raise ImageDecodeError(
+            path,
+            f"{size[1]} x {size[0]} pixels is more than the limit of {max_pixels:,} "
+            "(a decompression bomb, or pass a larger max_pixels)",
+        )
+
+
+def load_image(
+    path: str | os.PathLike, *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> UInt8[np.ndarray, "H W 3"]:
     """Reads an image file as ``uint8`` RGB.
 
     The EXIF orientation is applied, grayscale is expanded to three channels, alpha is
@@ -174,13 +194,14 @@ def load_image(path: str | os.PathLike) -> UInt8[np.ndarray, "H W 3"]:
 
     Args:
       path: Image file (JPEG, PNG, WebP, TIFF, BMP... whatever OpenCV reads).
+      max_pixels: Refuse images with more pixels (None: no limit).
 
     Returns:
       The image, ``(H, W, 3)`` ``uint8``, RGB, in display orientation.
 
     Raises:
-      ImageDecodeError: The file is missing, unreadable, empty, truncated, or not an
-        image; the message names the file and the reason.
+      ImageDecodeError: The file is missing, unreadable, empty, truncated, not an image,
+        or too large; the message names the file and the reason.
     """
     data = _read_bytes(path)
     if not data:
@@ -188,6 +209,9 @@ def load_image(path: str | os.PathLike) -> UInt8[np.ndarray, "H W 3"]:
     reason = _check_complete(data)
     if reason is not None:
         raise ImageDecodeError(path, reason)
+    header_size = _header_size(data)
+    if header_size is not None:
+        _check_pixels(path, header_size, max_pixels)
     try:
         image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH)
     except cv2.error as e:
@@ -198,6 +222,7 @@ def load_image(path: str | os.PathLike) -> UInt8[np.ndarray, "H W 3"]:
         )
     if image.ndim != 3 or image.shape[2] != 3:  # IMREAD_COLOR promises 3 channels
         raise ImageDecodeError(path, f"decoded to unexpected shape {image.shape}")
+    _check_pixels(path, image.shape[:2], max_pixels)
     return cv2.cvtColor(_to_uint8(image, path), cv2.COLOR_BGR2RGB)
 
 
@@ -408,3 +433,51 @@ def crop_to_box(
     x2 = min(max(x2, x1 + 1), width)
     y2 = min(max(y2, y1 + 1), height)
     return image[y1:y2, x1:x2]
+
+
+def scaled_images(
+    image: UInt8[np.ndarray, "H W 3"],
+    *,
+    max_side: int | None,
+    scales: Sequence[float] = (1.0,),
+    upscale: bool = True,
+) -> list[UInt8[np.ndarray, "h w 3"]]:
+    """The image resized to ``max_side * s`` for each scale ``s`` (longer side).
+
+    Args:
+      image: RGB image.
+      max_side: Longer side at scale 1; None keeps the image's own size at scale 1.
+      scales: Relative scales, e.g. 1, 1/sqrt(2), 1/2 (cirtorch's multi-scale).
+      upscale: Enlarge images smaller than ``max_side`` (global extraction does, for few
+        distinct shapes); without it scale 1 is the image's own size when smaller, as
+        cirtorch's ``imresize`` and DSM do.
+
+    Returns:
+      One image per scale, in order.
+    """
+    longer = max(image.shape[:2])
+    base = longer if max_side is None or (not upscale and longer < max_side) else max_side
+    return [resize_max_side(image, max(1, round(base * scale))) for scale in scales]
+
+
+def load_scaled(
+    path: str | os.PathLike,
+    *,
+    max_side: int | None,
+    scales: Sequence[float] = (1.0,),
+    box: Sequence[numbers.Real] | None = None,
+    upscale: bool = True,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+) -> list[UInt8[np.ndarray, "h w 3"]]:
+    """Decodes, crops to ``box`` (if any) and resizes for each scale: the one input path.
+
+    Global extraction, DSM's activation features and the training pipeline all read
+    images through this function, so they see the same pixels.
+
+    Raises:
+      ImageDecodeError: As :func:`load_image`.
+    """
+    image = load_image(path, max_pixels=max_pixels)
+    if box is not None:
+        image = crop_to_box(image, box)
+    return scaled_images(image, max_side=max_side, scales=scales, upscale=upscale)

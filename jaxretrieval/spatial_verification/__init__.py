@@ -1,7 +1,8 @@
 """DSM spatial verification: MSER local features on CNN activations, batched RANSAC on device.
 
-Host side (NumPy + OpenCV): :func:`activation_local_features` turns activation maps into
-fixed-size :class:`LocalFeatures`. Device side (pure JAX, jit + vmap):
+Host side (NumPy + OpenCV): :class:`DSMFeatureExtractor` runs a model's backbone on an
+image at several scales and :func:`activation_local_features` turns the activation maps
+into fixed-size :class:`LocalFeatures`. Device side (pure JAX, jit + vmap):
 :func:`tentative_correspondences`, :func:`ransac_affine`, :func:`verify_pair`,
 :func:`verify_shortlist`, :func:`rerank_shortlist` and :func:`dsm_diffusion_seeds`.
 
@@ -28,6 +29,10 @@ from jaxretrieval.spatial_verification.dsm import (
     verify_pair,
     verify_shortlist,
 )
+from jaxretrieval.spatial_verification.feature_extraction import (
+    DSMFeatureExtractor,
+    ImageTooSmallError,
+)
 from jaxretrieval.spatial_verification.ransac import (
     VerificationResult,
     ellipse_affine_hypotheses,
@@ -37,6 +42,8 @@ from jaxretrieval.spatial_verification.ransac import (
 
 __all__ = [
     "Correspondences",
+    "DSMFeatureExtractor",
+    "ImageTooSmallError",
     "LocalFeatures",
     "MSERParams",
     "Reranking",

@@ -411,3 +411,61 @@ def test_crop_to_box_clips_and_keeps_one_pixel():
 def test_crop_to_box_raises(box):
     with pytest.raises(ValueError, match="bbx"):
         images.crop_to_box(np.zeros((5, 6)), box)
+
+
+def test_decompression_bombs_are_refused_from_the_header(tmp_path):
+    """A 20000 x 20000 PNG of one colour is ~1 MB on disk but 1.2 GB decoded."""
+    import zlib
+
+    path = tmp_path / "bomb.png"
+    width = height = 20000
+    row = b"\x00" + b"\x00" * (3 * width)
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(height)) + compressor.flush()
+
+    def chunk(kind: bytes, payload: bytes) -> bytes:
+        crc = zlib.crc32(kind + payload).to_bytes(4, "big")
+        return len(payload).to_bytes(4, "big") + kind + payload + crc
+
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([8, 2, 0, 0, 0])
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
+    assert path.stat().st_size < 2_000_000
+    with pytest.raises(images.ImageDecodeError, match="20000 x 20000 pixels is more than"):
+        images.load_image(path)
+    with pytest.raises(images.ImageDecodeError, match="bomb.png"):
+        images.load_scaled(path, max_side=64)
+
+
+def test_pixel_limit_is_configurable_and_checked_after_decoding_too(tmp_path):
+    path = tmp_path / "small.bmp"  # BMP: no header parsed here, checked after decoding
+    cv2.imwrite(str(path), np.zeros((30, 40, 3), np.uint8))
+    assert images.load_image(path, max_pixels=1200).shape == (30, 40, 3)
+    with pytest.raises(images.ImageDecodeError, match="40 x 30 pixels"):
+        images.load_image(path, max_pixels=1199)
+    assert images.load_image(path, max_pixels=None).shape == (30, 40, 3)
+
+
+def test_scaled_images_known_sizes():
+    image = np.zeros((300, 400, 3), np.uint8)
+    sizes = [x.shape[:2] for x in images.scaled_images(image, max_side=200, scales=(1.0, 0.5))]
+    assert sizes == [(150, 200), (75, 100)]
+    # Without upscaling a smaller image keeps its own size at scale 1.
+    sizes = [
+        x.shape[:2]
+        for x in images.scaled_images(image, max_side=800, scales=(1.0, 0.5), upscale=False)
+    ]
+    assert sizes == [(300, 400), (150, 200)]
+    sizes = [x.shape[:2] for x in images.scaled_images(image, max_side=800, scales=(1.0,))]
+    assert sizes == [(600, 800)]
+    assert images.scaled_images(image, max_side=None)[0] is image
+
+
+def test_load_scaled_crops_before_resizing(tmp_path):
+    path = tmp_path / "a.png"
+    picture = np.zeros((100, 200, 3), np.uint8)
+    picture[:, 100:] = 255
+    cv2.imwrite(str(path), picture)
+    (right,) = images.load_scaled(path, max_side=50, box=(100, 0, 200, 100))
+    assert right.shape == (50, 50, 3) and right.min() == 255

@@ -3,14 +3,15 @@
 import numpy as np
 import pytest
 
-from experiments import match, match_lib
+from experiments import match_lib
+from jaxretrieval.spatial_verification import DSMFeatureExtractor, ImageTooSmallError
 
 
 def test_match_lib_box_pair(shared_data):
     folder = shared_data / "opencv_box_pair"
-    extractor = match_lib.DSMFeatureExtractor(scales=(1.0,), max_features=64)
-    box, _ = match_lib.load_resized(folder / "box.png", 256)
-    scene, _ = match_lib.load_resized(folder / "box_in_scene.png", 256)
+    extractor = DSMFeatureExtractor.pretrained(scales=(1.0,), max_features=64)
+    box = extractor.load(folder / "box.png", max_side=256)
+    scene = extractor.load(folder / "box_in_scene.png", max_side=256)
     features_box, features_scene = extractor(box), extractor(scene)
     assert features_box.means.shape == (64, 2) and features_box.valid.any()
     same = match_lib.match_features(features_box, features_box, error_threshold=4.0)
@@ -26,21 +27,13 @@ def test_match_lib_box_pair(shared_data):
     assert picture.shape == (max(box.shape[0], scene.shape[0]), box.shape[1] + scene.shape[1], 3)
 
 
-@pytest.mark.slow
-def test_match_cli_writes_picture(shared_data, tmp_path, capsys):
-    folder = shared_data / "opencv_box_pair"
-    out = tmp_path / "m.png"
-    match.main(
-        [
-            str(folder / "box.png"),
-            str(folder / "box_in_scene.png"),
-            "--out",
-            str(out),
-            "--max-side",
-            "256",
-            "--max-features",
-            "64",
-        ]
-    )
-    assert out.is_file()
-    assert "inliers" in capsys.readouterr().out
+def test_small_images_keep_their_larger_scales_and_tiny_ones_are_refused():
+    extractor = DSMFeatureExtractor.pretrained(max_features=16)
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (150, 200, 3), dtype=np.uint8)
+    maps = extractor.activation_maps(image)
+    # 150 px high: scale 1 (5 cells) and 1/sqrt(2) (106 px, 4 cells) are kept; 1/2 (75 px,
+    # less than 3 cells of 32 px) is left out.
+    assert [m.shape[0] for m, _ in maps] == [5, 4]
+    with pytest.raises(ImageTooSmallError, match="1 x 1 pixels"):
+        extractor(np.zeros((1, 1, 3), np.uint8))

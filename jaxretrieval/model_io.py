@@ -1,0 +1,185 @@
+"""Saved retrieval models: one directory layout for the CLIs, training and notebooks.
+
+A model directory holds
+
+* ``model.json``: ``{"format": "jaxretrieval-model", "version": 1, "model": {...}}``
+  where ``model`` is a :class:`~jaxretrieval.retrieval_model.ModelConfig` (backbone,
+  feature map, pooling, whitening size, image size and scales), plus free-form
+  ``"metadata"`` (what made it: config, step, metrics);
+* ``variables/``: the Flax variables, saved by orbax (``StandardCheckpointer``).
+
+The variables are written first and ``model.json`` last, atomically (temporary file +
+rename), so a directory with a ``model.json`` always has complete variables; an
+interrupted save leaves no ``model.json`` and :func:`load_model` says so.
+
+``python -m experiments.evaluate --checkpoint DIR`` (and extract/search/match) accept a
+model directory or a training work directory holding one in ``model/``.
+
+:func:`variables_digest` hashes the variables actually used, so that descriptor caches
+are keyed by the weights and never serve a fine-tuned model stale descriptors.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+import shutil
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxretrieval.retrieval_model import ModelConfig
+
+FORMAT = "jaxretrieval-model"
+VERSION = 1
+MODEL_FILE = "model.json"
+VARIABLES_DIR = "variables"
+# A training work directory keeps its exported model here.
+EXPORT_SUBDIR = "model"
+
+
+class ModelDirectoryError(FileNotFoundError):
+    """A path is not a usable model directory; the message says which file and why."""
+
+
+def save_model(
+    directory: str | os.PathLike,
+    config: ModelConfig,
+    variables: dict[str, Any],
+    *,
+    metadata: dict[str, Any] | None = None,
+) -> pathlib.Path:
+    """Writes a model directory (replacing one that is there).
+
+    Args:
+      directory: Target directory; created if missing.
+      config: What the model is.
+      variables: Its Flax variables (NumPy or JAX arrays).
+      metadata: JSON-serialisable facts to keep with it (training config, step, mAP).
+
+    Returns:
+      The directory.
+    """
+    import orbax.checkpoint as ocp  # Lazy: only saving and loading models need orbax.
+
+    directory = pathlib.Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    model_file = directory / MODEL_FILE
+    model_file.unlink(missing_ok=True)  # the directory is incomplete until rewritten
+    target = directory / VARIABLES_DIR
+    if target.exists():
+        shutil.rmtree(target)
+    host_variables = jax.tree.map(np.asarray, variables)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(target, host_variables)
+    checkpointer.wait_until_finished()
+    document = {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": config.to_json_dict(),
+        "variables_digest": variables_digest(host_variables),
+        "metadata": metadata or {},
+    }
+    temporary = directory / (MODEL_FILE + ".tmp")
+    temporary.write_text(json.dumps(document, indent=2, sort_keys=True))
+    os.replace(temporary, model_file)
+    return directory
+
+
+def resolve_model_directory(path: str | os.PathLike) -> pathlib.Path:
+    """The model directory at ``path``: itself, or the ``model/`` export of a work dir.
+
+    Raises:
+      ModelDirectoryError: Neither holds a ``model.json``; the message says what was found.
+    """
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise ModelDirectoryError(f"checkpoint {path} does not exist")
+    if not path.is_dir():
+        raise ModelDirectoryError(f"checkpoint {path} is a file; give the model directory")
+    for candidate in (path, path / EXPORT_SUBDIR):
+        if (candidate / MODEL_FILE).is_file():
+            return candidate
+    if (path / VARIABLES_DIR).exists():
+        raise ModelDirectoryError(
+            f"checkpoint {path} has variables but no {MODEL_FILE}: the save was interrupted"
+        )
+    raise ModelDirectoryError(
+        f"checkpoint {path} holds no {MODEL_FILE} (nor {EXPORT_SUBDIR}/{MODEL_FILE}); "
+        "is it a model directory written by save_model or by experiments.train?"
+    )
+
+
+def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
+    """The parsed ``model.json`` of a model directory (or work directory), checked.
+
+    Raises:
+      ModelDirectoryError: Missing, unreadable, or of another format or newer version.
+    """
+    directory = resolve_model_directory(path)
+    model_file = directory / MODEL_FILE
+    try:
+        document = json.loads(model_file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelDirectoryError(f"{model_file} is not readable JSON ({e})") from e
+    if not isinstance(document, dict) or document.get("format") != FORMAT:
+        raise ModelDirectoryError(f"{model_file} is not a {FORMAT} file")
+    if document.get("version") != VERSION:
+        raise ModelDirectoryError(
+            f"{model_file} has format version {document.get('version')!r}; this "
+            f"jaxretrieval reads version {VERSION}"
+        )
+    return document
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """Reads a model directory written by :func:`save_model`.
+
+    Args:
+      path: The model directory, or a training work directory holding ``model/``.
+
+    Returns:
+      ``(config, variables)`` with NumPy arrays.
+
+    Raises:
+      ModelDirectoryError: Not a model directory, incomplete, or corrupt (the message
+        names the file and why).
+    """
+    import orbax.checkpoint as ocp
+
+    directory = resolve_model_directory(path)
+    document = read_model_file(directory)
+    try:
+        config = ModelConfig.from_json_dict(document["model"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ModelDirectoryError(f"{directory / MODEL_FILE}: bad model description ({e})") from e
+    try:
+        variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR)
+    except Exception as e:  # orbax raises several types for missing or corrupt files
+        raise ModelDirectoryError(
+            f"cannot read the variables in {directory / VARIABLES_DIR} ({type(e).__name__}: {e})"
+        ) from e
+    variables = jax.tree.map(np.asarray, variables)
+    expected = document.get("variables_digest")
+    if expected is not None and variables_digest(variables) != expected:
+        raise ModelDirectoryError(
+            f"{directory / VARIABLES_DIR} does not match the digest in {MODEL_FILE}: "
+            "the variables were changed or partly written"
+        )
+    return config, variables
+
+
+def variables_digest(variables: Any) -> str:
+    """SHA-256 of a variables pytree: every leaf's path, dtype, shape and bytes.
+
+    Two pytrees get the same digest exactly when they hold the same arrays under the
+    same names, so it keys caches of anything computed from the weights.
+    """
+    digest = hashlib.sha256()
+    leaves, _ = jax.tree_util.tree_flatten_with_path(variables)
+    for path, leaf in sorted(leaves, key=lambda item: jax.tree_util.keystr(item[0])):
+        array = np.ascontiguousarray(np.asarray(leaf))
+        digest.update(f"{jax.tree_util.keystr(path)}|{array.dtype.str}|{array.shape}\n".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
