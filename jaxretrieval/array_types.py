@@ -13,7 +13,13 @@
 | ``S`` | scales |
 | ``R`` | regions (R-MAC) |
 | ``M`` | local features per image (DSM) |
-| ``P`` | tentative correspondences or hypotheses |
+| ``P`` | tentative correspondences |
+| ``Y`` | RANSAC hypotheses (affine maps scored against the P correspondences) |
+| ``L`` | shortlist length: candidates re-ranked per query (truncated diffusion, DSM) |
+| ``E`` | eigenpairs kept by spectral ranking (its rank) |
+| ``X`` | database ids excluded per query from a search (padded with -1) |
+
+One meaning per letter: a new kind of axis gets a new letter here, never a reused one.
 
 Signatures use ``Float[AnyArray, "B H W C"]`` and friends: ``AnyArray`` accepts both
 ``jax.Array`` (including tracers) and ``numpy.ndarray`` so that host code can call

@@ -22,7 +22,7 @@ Pieces and where they run:
 * :func:`diffusion_scores` (device): conjugate gradient for many queries at once, with a
   fixed iteration budget and per-query convergence masks.
 * :func:`truncated_diffusion_scores` (device): the same, restricted per query to the
-  subgraph of its top-T shortlist, for large databases.
+  subgraph of its top-L shortlist, for large databases.
 * :func:`learn_spectral_index` (host, SciPy ``eigsh``) and :func:`spectral_scores`
   (device): the offline low-rank approximation of Iscen et al. (CVPR 2018), after which a
   query costs two small matrix products.
@@ -38,6 +38,7 @@ import scipy.sparse.csgraph
 import scipy.sparse.linalg
 from jax import lax
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Bool, Float, Int, Scalar
 from jaxretrieval.search import knn_search
 
@@ -72,12 +73,12 @@ class SpectralIndex(NamedTuple):
     """Leading eigenpairs of the normalised affinity ``S`` (``S ~ U diag(lambda) U^T``).
 
     Attributes:
-      eigenvectors: ``(N, R)`` orthonormal columns ``U``.
-      eigenvalues: ``(R,)`` eigenvalues ``lambda``, descending.
+      eigenvectors: ``(N, E)`` orthonormal columns ``U``.
+      eigenvalues: ``(E,)`` eigenvalues ``lambda``, descending.
     """
 
-    eigenvectors: Float[AnyArray, "N R"]
-    eigenvalues: Float[AnyArray, " R"]
+    eigenvectors: Float[AnyArray, "N E"]
+    eigenvalues: Float[AnyArray, " E"]
 
 
 # ----------------------------------------------------------------------------- graph (host)
@@ -123,13 +124,7 @@ def knn_affinity(
       Iscen, Tolias, Avrithis, Furon, Chum. Efficient diffusion on region manifolds:
       recovering small objects with compact CNN representations. CVPR 2017.
     """
-    database = np.asarray(database)
-    if database.ndim != 2:
-        raise ValueError(
-            f"knn_affinity expects database rows (N, D), found shape {database.shape}."
-        )
-    if not np.issubdtype(database.dtype, np.floating):
-        raise TypeError(f"knn_affinity: database must be floating, got dtype {database.dtype}.")
+    database = validation.as_host_float_array("knn_affinity: database", database, axes="N D")
     num_items = database.shape[0]
     if num_items == 0:
         raise ValueError(f"knn_affinity: the database is empty, found shape {database.shape}.")
@@ -254,15 +249,7 @@ def normalize_affinity(graph: AffinityGraph) -> AffinityGraph:
     Returns:
       The graph with normalised weights (same neighbours and mask), as jax arrays.
     """
-    neighbors = jnp.asarray(graph.neighbors, dtype=jnp.int32)
-    weights = jnp.asarray(graph.weights, dtype=jnp.float32)
-    valid = jnp.asarray(graph.valid, dtype=jnp.bool_)
-    if neighbors.ndim != 2 or weights.shape != neighbors.shape or valid.shape != neighbors.shape:
-        raise ValueError(
-            "normalize_affinity: neighbors, weights and valid must share one (N, K) shape, "
-            f"found {neighbors.shape}, {weights.shape} and {valid.shape}."
-        )
-    weights = jnp.where(valid, weights, 0.0)
+    neighbors, weights, valid = _graph_arrays("normalize_affinity", graph)
     degree = jnp.sum(weights, axis=1)  # (N,)
     positive = degree > 0
     inverse_sqrt = jnp.where(positive, lax.rsqrt(jnp.where(positive, degree, 1.0)), 0.0)  # (N,)
@@ -270,16 +257,18 @@ def normalize_affinity(graph: AffinityGraph) -> AffinityGraph:
     return AffinityGraph(neighbors, normalized, valid)
 
 
-def _graph_arrays(name: str, graph: AffinityGraph) -> tuple[Array, Array]:
-    """Neighbours (int32) and masked weights (float32) of a graph, shape-checked."""
-    neighbors = jnp.asarray(graph.neighbors, dtype=jnp.int32)
-    weights = jnp.asarray(graph.weights, dtype=jnp.float32)
-    if neighbors.ndim != 2 or weights.shape != neighbors.shape:
+def _graph_arrays(name: str, graph: AffinityGraph) -> tuple[Array, Array, Array]:
+    """A graph's neighbours (int32), masked weights (float policy) and mask, checked."""
+    shapes = tuple(jnp.shape(x) for x in graph)
+    if len(shapes[0]) != 2 or len(set(shapes)) != 1:
         raise ValueError(
-            f"{name}: graph neighbors and weights must share one (N, K) shape, found "
-            f"{neighbors.shape} and {weights.shape}."
+            f"{name}: graph neighbors, weights and valid must share one (N, K) shape, found "
+            f"{shapes[0]}, {shapes[1]} and {shapes[2]}."
         )
-    return neighbors, jnp.where(jnp.asarray(graph.valid), weights, 0.0)
+    neighbors = validation.as_int_array(f"{name}: graph.neighbors", graph.neighbors)
+    weights = validation.as_float_array(f"{name}: graph.weights", graph.weights)
+    valid = validation.as_mask(f"{name}: graph.valid", graph.valid)
+    return neighbors, jnp.where(valid, weights, 0.0), valid
 
 
 def _affinity_matvec(neighbors: Array, weights: Array, x: Array) -> Array:
@@ -352,17 +341,19 @@ def seeds_from_neighbors(
     Returns:
       :class:`Seeds` with weights ``max(s, 0) ** gamma``.
     """
-    similarities = jnp.asarray(similarities, dtype=jnp.float32)
-    indices = jnp.asarray(indices)
+    similarities = validation.as_float_array(
+        "seeds_from_neighbors: similarities", similarities, axes="Q K"
+    )
+    indices = validation.as_int_array("seeds_from_neighbors: indices", indices, axes="Q K")
     if similarities.shape != indices.shape:
         raise ValueError(
             "seeds_from_neighbors: similarities and indices must have the same shape, found "
             f"{similarities.shape} and {indices.shape}."
         )
-    gamma = jnp.asarray(gamma, dtype=jnp.float32)
+    gamma = jnp.asarray(gamma, dtype=similarities.dtype)
     usable = (similarities > 0) & (indices >= 0)
     weights = jnp.where(usable, jnp.where(usable, similarities, 1.0) ** gamma, 0.0)  # (Q, K)
-    return Seeds(jnp.maximum(indices, 0).astype(jnp.int32), weights)
+    return Seeds(jnp.maximum(indices, 0), weights)
 
 
 def query_seeds(
@@ -390,13 +381,10 @@ def query_seeds(
     Raises:
       ValueError: If the dimensions differ, the database is empty or num_seeds > N.
     """
-    queries = jnp.asarray(queries, dtype=jnp.float32)
-    database = jnp.asarray(database, dtype=jnp.float32)
-    if queries.ndim != 2 or database.ndim != 2 or queries.shape[1] != database.shape[1]:
-        raise ValueError(
-            "query_seeds: queries (Q, D) and database (N, D) must share D, found "
-            f"{queries.shape} and {database.shape}."
-        )
+    queries = validation.as_float_array("query_seeds: queries", queries, axes="Q D")
+    database = validation.as_float_array("query_seeds: database", database, axes="N D")
+    validation.check_same_dim("queries", queries, "database", database)
+    queries, database = validation.common_float(queries, database)
     if not 1 <= num_seeds <= database.shape[0]:
         raise ValueError(
             f"query_seeds: num_seeds must be in [1, N] for a database of shape "
@@ -405,6 +393,18 @@ def query_seeds(
     similarities = jnp.einsum("qd,nd->qn", queries, database)  # (Q, N)
     top_similarities, top_indices = lax.top_k(similarities, num_seeds)  # (Q, K)
     return seeds_from_neighbors(top_similarities, top_indices, gamma=gamma)
+
+
+def _seed_arrays(name: str, seeds: Seeds) -> tuple[Array, Array]:
+    """Seed ids (int32) and weights (float policy), both (Q, K)."""
+    indices = validation.as_int_array(f"{name}: seeds.indices", seeds.indices, axes="Q K")
+    weights = validation.as_float_array(f"{name}: seeds.weights", seeds.weights, axes="Q K")
+    if weights.shape != indices.shape:
+        raise ValueError(
+            f"{name}: seeds.indices and seeds.weights must have the same shape, found "
+            f"{indices.shape} and {weights.shape}."
+        )
+    return indices, weights
 
 
 def seed_vectors(seeds: Seeds, *, num_items: int) -> Float[Array, "Q N"]:
@@ -417,10 +417,9 @@ def seed_vectors(seeds: Seeds, *, num_items: int) -> Float[Array, "Q N"]:
     Returns:
       ``y[q, n]`` = total seed weight of item n for query q.
     """
-    indices = jnp.asarray(seeds.indices, dtype=jnp.int32)
-    weights = jnp.asarray(seeds.weights, dtype=jnp.float32)
+    indices, weights = _seed_arrays("seed_vectors", seeds)
     rows = jnp.broadcast_to(jnp.arange(indices.shape[0])[:, None], indices.shape)  # (Q, K)
-    dense = jnp.zeros((indices.shape[0], num_items), jnp.float32)  # (Q, N)
+    dense = jnp.zeros((indices.shape[0], num_items), weights.dtype)  # (Q, N)
     return dense.at[rows, indices].add(weights)
 
 
@@ -474,20 +473,21 @@ def diffusion_scores(
       >>> np.asarray(scores, np.float64).round(4).tolist()  # (7/6, sqrt(2)/3, 1/6)
       [[1.1667, 0.4714, 0.1667]]
     """
-    neighbors, weights = _graph_arrays("diffusion_scores", graph)
+    neighbors, weights, _ = _graph_arrays("diffusion_scores", graph)
     _check_solver_args("diffusion_scores", num_iterations)
     num_items = neighbors.shape[0]
     if isinstance(seeds, Seeds):
         y = seed_vectors(seeds, num_items=num_items)
     else:
-        y = jnp.asarray(seeds, dtype=jnp.float32)
+        y = validation.as_float_array("diffusion_scores: seeds", seeds)
         if y.ndim != 2 or y.shape[1] != num_items:
             raise ValueError(
                 f"diffusion_scores: seeds must have shape (Q, N) with N = {num_items} "
                 f"(graph {neighbors.shape}), found {y.shape}."
             )
-    alpha = jnp.asarray(alpha, dtype=jnp.float32)
-    tol = jnp.asarray(tol, dtype=jnp.float32)
+    weights, y = validation.common_float(weights, y)
+    alpha = jnp.asarray(alpha, dtype=y.dtype)
+    tol = jnp.asarray(tol, dtype=y.dtype)
 
     def matvec(x):
         return x - alpha * _affinity_matvec(neighbors, weights, x)  # (N, Q)
@@ -499,19 +499,19 @@ def diffusion_scores(
 def truncated_diffusion_scores(
     graph: AffinityGraph,
     seeds: Seeds,
-    shortlist: Int[AnyArray, "Q T"],
+    shortlist: Int[AnyArray, "Q L"],
     *,
     alpha: Scalar = 0.99,
     num_iterations: int = 20,
     tol: Scalar = 1e-6,
-) -> Float[Array, "Q T"]:
+) -> Float[Array, "Q L"]:
     """Diffusion restricted to each query's shortlist (Iscen et al.'s truncation).
 
-    For each query, the normalised affinity is restricted to the T shortlisted items (the
+    For each query, the normalised affinity is restricted to the L shortlisted items (the
     rows and columns of ``S`` at ``shortlist``, not re-normalised, as in the papers'
-    code), the seeds outside the shortlist are dropped, and the T x T system
-    ``(I - alpha S_T) f = y_T`` is solved by CG. Cost per query is O(T K) per iteration
-    instead of O(N K); the shortlist is usually the top-T (e.g. 1000) by similarity.
+    code), the seeds outside the shortlist are dropped, and the L x L system
+    ``(I - alpha S_L) f = y_L`` is solved by CG. Cost per query is O(L K) per iteration
+    instead of O(N K); the shortlist is usually the top-L (e.g. 1000) by similarity.
 
     Args:
       graph: The *normalised* affinity of the whole database.
@@ -530,50 +530,52 @@ def truncated_diffusion_scores(
     References:
       Iscen, Tolias, Avrithis, Furon, Chum. CVPR 2017 (Section "truncation").
     """
-    neighbors, weights = _graph_arrays("truncated_diffusion_scores", graph)
+    neighbors, weights, _ = _graph_arrays("truncated_diffusion_scores", graph)
     _check_solver_args("truncated_diffusion_scores", num_iterations)
-    shortlist = jnp.asarray(shortlist, dtype=jnp.int32)
-    seed_indices = jnp.asarray(seeds.indices, dtype=jnp.int32)
-    seed_weights = jnp.asarray(seeds.weights, dtype=jnp.float32)
-    if shortlist.ndim != 2 or seed_indices.shape[0] != shortlist.shape[0]:
+    shortlist = validation.as_int_array(
+        "truncated_diffusion_scores: shortlist", shortlist, axes="Q L"
+    )
+    seed_indices, seed_weights = _seed_arrays("truncated_diffusion_scores", seeds)
+    if seed_indices.shape[0] != shortlist.shape[0]:
         raise ValueError(
-            "truncated_diffusion_scores: seeds (Q, K) and shortlist (Q, T) must share Q, "
+            "truncated_diffusion_scores: seeds (Q, K) and shortlist (Q, L) must share Q, "
             f"found seeds {seed_indices.shape} and shortlist {shortlist.shape}."
         )
+    weights, seed_weights = validation.common_float(weights, seed_weights)
     num_items, num_candidates = neighbors.shape[0], shortlist.shape[1]
-    alpha = jnp.asarray(alpha, dtype=jnp.float32)
-    tol = jnp.asarray(tol, dtype=jnp.float32)
+    alpha = jnp.asarray(alpha, dtype=weights.dtype)
+    tol = jnp.asarray(tol, dtype=weights.dtype)
 
     def local_graph(candidates, indices, seed_weight):
-        """One query's subgraph in local ids 0..T-1, and its seed vector."""
+        """One query's subgraph in local ids 0..L-1, and its seed vector."""
         # A length-N lookup table global id -> local id (-1 outside the shortlist): one
         # scatter and one gather, much faster on CPU than a binary search per edge, at
         # N x 4 bytes per query of the batch.
         local_id = jnp.full((num_items,), -1, jnp.int32)
         local_id = local_id.at[candidates].set(jnp.arange(num_candidates, dtype=jnp.int32))
-        position = local_id[neighbors[candidates]]  # (T, K)
-        inside = position >= 0  # (T, K)
-        own = jnp.arange(num_candidates, dtype=jnp.int32)[:, None]  # (T, 1)
-        local_neighbors = jnp.where(inside, position, own)  # (T, K)
-        local_weights = jnp.where(inside, weights[candidates], 0.0)  # (T, K)
-        matches = candidates[:, None] == indices[None, :]  # (T, K_seeds)
-        y = jnp.sum(jnp.where(matches, seed_weight[None, :], 0.0), axis=1)  # (T,)
+        position = local_id[neighbors[candidates]]  # (L, K)
+        inside = position >= 0  # (L, K)
+        own = jnp.arange(num_candidates, dtype=jnp.int32)[:, None]  # (L, 1)
+        local_neighbors = jnp.where(inside, position, own)  # (L, K)
+        local_weights = jnp.where(inside, weights[candidates], 0.0)  # (L, K)
+        matches = candidates[:, None] == indices[None, :]  # (L, K_seeds)
+        y = jnp.sum(jnp.where(matches, seed_weight[None, :], 0.0), axis=1)  # (L,)
         return local_neighbors, local_weights, y
 
     local_neighbors, local_weights, y = jax.vmap(local_graph)(
         shortlist, seed_indices, seed_weights
-    )  # (Q, T, K), (Q, T, K), (Q, T)
+    )  # (Q, L, K), (Q, L, K), (Q, L)
     num_queries, _, degree = local_neighbors.shape
-    flat_neighbors = local_neighbors.reshape(num_queries, num_candidates * degree)  # (Q, T * K)
+    flat_neighbors = local_neighbors.reshape(num_queries, num_candidates * degree)  # (Q, L * K)
 
     def matvec(x):
         # Each query has its own subgraph: gather along its own row of x.T.
-        gathered = jnp.take_along_axis(x.T, flat_neighbors, axis=1)  # (Q, T * K)
-        gathered = gathered.reshape(num_queries, num_candidates, degree)  # (Q, T, K)
-        return x - alpha * jnp.einsum("qtk,qtk->tq", local_weights, gathered)  # (T, Q)
+        gathered = jnp.take_along_axis(x.T, flat_neighbors, axis=1)  # (Q, L * K)
+        gathered = gathered.reshape(num_queries, num_candidates, degree)  # (Q, L, K)
+        return x - alpha * jnp.einsum("qlk,qlk->lq", local_weights, gathered)  # (L, Q)
 
     solution = _conjugate_gradient(matvec, y.T, num_iterations=num_iterations, tol=tol)
-    return solution.T  # (Q, T)
+    return solution.T  # (Q, L)
 
 
 # ---------------------------------------------------------------------- spectral ranking
@@ -592,15 +594,15 @@ def learn_spectral_index(
 
     Args:
       graph: The *normalised* affinity (:func:`normalize_affinity`).
-      rank: Number of eigenpairs R (static); a few hundred for large databases.
+      rank: Number of eigenpairs E (static); a few hundred for large databases.
       tol: Relative accuracy of the eigenvalues for ``eigsh`` (0: machine precision).
-        Note that a graph with more than R connected components has eigenvalue 1 with
-        multiplicity above R, which Lanczos resolves slowly and only approximately.
+        Note that a graph with more than E connected components has eigenvalue 1 with
+        multiplicity above E, which Lanczos resolves slowly and only approximately.
       seed: Seed of the Lanczos start vector.
 
     Returns:
       A :class:`SpectralIndex` of numpy float32 arrays, eigenvalues descending.
-      Memory: N x R x 4 bytes (1.2 GB at 1M x 300).
+      Memory: N x E x 4 bytes (1.2 GB at 1M x 300).
 
     Raises:
       ValueError: If rank < 1.
@@ -637,7 +639,7 @@ def spectral_scores(
     """Online stage of fast spectral ranking: ``f ~ U diag(1 / (1 - alpha lambda)) U^T y``.
 
     With sparse seeds, ``U^T y`` is a gather of a few rows of ``U``; the cost per query is
-    then one (R,) x (R, N) product. Equals :func:`diffusion_scores` (solved exactly) when
+    then one (E,) x (E, N) product. Equals :func:`diffusion_scores` (solved exactly) when
     the index holds all N eigenpairs, and approaches it as the rank grows.
 
     Args:
@@ -655,23 +657,30 @@ def spectral_scores(
       Iscen, Avrithis, Tolias, Furon, Chum. Fast spectral ranking for similarity search.
       CVPR 2018.
     """
-    eigenvectors = jnp.asarray(index.eigenvectors, dtype=jnp.float32)
-    eigenvalues = jnp.asarray(index.eigenvalues, dtype=jnp.float32)
-    alpha = jnp.asarray(alpha, dtype=jnp.float32)
+    eigenvectors = validation.as_float_array(
+        "spectral_scores: index.eigenvectors", index.eigenvectors, axes="N E"
+    )
+    eigenvalues = validation.as_float_array(
+        "spectral_scores: index.eigenvalues", index.eigenvalues, axes="E"
+    )
     if isinstance(seeds, Seeds):
-        rows = eigenvectors[jnp.asarray(seeds.indices, dtype=jnp.int32)]  # (Q, K, R)
-        weights = jnp.asarray(seeds.weights, dtype=jnp.float32)
-        projected = jnp.einsum("qk,qkr->qr", weights, rows)  # (Q, R)
+        indices, y = _seed_arrays("spectral_scores", seeds)
     else:
-        y = jnp.asarray(seeds, dtype=jnp.float32)
+        y = validation.as_float_array("spectral_scores: seeds", seeds)
         if y.ndim != 2 or y.shape[1] != eigenvectors.shape[0]:
             raise ValueError(
                 f"spectral_scores: seeds must have shape (Q, N) with N = "
                 f"{eigenvectors.shape[0]}, found {y.shape}."
             )
-        projected = jnp.einsum("qn,nr->qr", y, eigenvectors)  # (Q, R)
-    filtered = projected / (1.0 - alpha * eigenvalues)[None, :]  # (Q, R)
-    return jnp.einsum("qr,nr->qn", filtered, eigenvectors)  # (Q, N)
+    eigenvectors, eigenvalues, y = validation.common_float(eigenvectors, eigenvalues, y)
+    alpha = jnp.asarray(alpha, dtype=y.dtype)
+    if isinstance(seeds, Seeds):
+        rows = eigenvectors[indices]  # (Q, K, E)
+        projected = jnp.einsum("qk,qke->qe", y, rows)  # (Q, E)
+    else:
+        projected = jnp.einsum("qn,ne->qe", y, eigenvectors)  # (Q, E)
+    filtered = projected / (1.0 - alpha * eigenvalues)[None, :]  # (Q, E)
+    return jnp.einsum("qe,ne->qn", filtered, eigenvectors)  # (Q, N)
 
 
 __all__ = [

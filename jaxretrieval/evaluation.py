@@ -34,6 +34,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Float, Shaped
 
 __all__ = ["compute_map", "revisited_evaluation", "PROTOCOLS"]
@@ -52,13 +53,8 @@ _SMALL_TABLE_SIZE = 1 << 22
 
 def _check_ranks(ranks: Any, num_database: int | None) -> tuple[np.ndarray, int]:
     """Validates the ranking array and returns it as a NumPy array with the database size."""
-    ranks = np.asarray(ranks)
-    if ranks.ndim != 2:
-        raise ValueError(
-            f"ranks must be 2-D (Q queries, K ranked database indices), found shape {ranks.shape}."
-        )
-    if not _is_integer(ranks.dtype):
-        raise TypeError(f"ranks must hold integer database indices, got dtype {ranks.dtype}.")
+    # dtype=None: a large ranking keeps its integer dtype (no int64 copy).
+    ranks = validation.index_array("ranks", ranks, axes="Q K", dtype=None)
     num_queries, length = ranks.shape
     if num_queries == 0 or length == 0:
         raise ValueError(f"ranks is empty (shape {ranks.shape}); need Q >= 1 and K >= 1.")
@@ -102,18 +98,6 @@ def _is_integer(dtype: np.dtype) -> bool:
     return dtype != np.bool_ and np.issubdtype(dtype, np.integer)
 
 
-def _index_array(values: Any, name: str) -> np.ndarray:
-    """One ground-truth index list as a 1-D int64 array, with a precise error otherwise."""
-    array = np.asarray(values)
-    if array.size == 0:
-        return np.zeros(0, np.int64)
-    if array.ndim != 1:
-        raise ValueError(f"{name} must be a flat list, found shape {array.shape}.")
-    if not _is_integer(array.dtype):
-        raise TypeError(f"{name} must hold integers, got dtype {array.dtype}.")
-    return array.astype(np.int64)
-
-
 def _index_lists(
     gnd: Sequence[Mapping[str, Any]], key: str, num_database: int
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +123,9 @@ def _index_lists(
     if fast:
         indices = indices.astype(np.int64)
     else:
-        arrays = [_index_array(values, f"gnd[{q}]['{key}']") for q, values in enumerate(lists)]
+        arrays = [
+            validation.index_array(f"gnd[{q}]['{key}']", values) for q, values in enumerate(lists)
+        ]
         counts = np.array([a.size for a in arrays], np.int64)
         indices = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
     query_ids = np.repeat(np.arange(len(lists), dtype=np.int64), counts)

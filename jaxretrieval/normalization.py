@@ -5,6 +5,7 @@ Descriptors are rows, ``(N, D)``; every function normalises along the last axis.
 
 import jax.numpy as jnp
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Float
 
 
@@ -12,7 +13,9 @@ def l2_normalize(x: Float[AnyArray, "*batch D"], *, eps: float = 1e-6) -> Float[
     """Scales each vector along the last axis to unit L2 norm.
 
     Vectors with norm below ``eps`` are divided by ``eps`` instead, so an all-zero
-    descriptor stays zero rather than becoming NaN (as in cirtorch's ``l2n``).
+    descriptor stays zero rather than becoming NaN (as in cirtorch's ``l2n``), and its
+    gradient is finite too (``jnp.linalg.norm``'s is NaN at the zero vector). This is the
+    library's one row normaliser: use it rather than a local ``x / norm(x)``.
 
     Args:
       x: Vectors along the last axis.
@@ -21,17 +24,18 @@ def l2_normalize(x: Float[AnyArray, "*batch D"], *, eps: float = 1e-6) -> Float[
     Returns:
       The normalised vectors, float32 (or float64 if given float64).
 
+    Raises:
+      TypeError: If ``x`` is not floating.
+
     Examples:
       >>> import jax.numpy as jnp
       >>> l2_normalize(jnp.array([[3.0, 4.0]])).tolist()
       [[0.6000000238418579, 0.800000011920929]]
     """
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"l2_normalize expects floating input, got dtype {x.dtype}.")
-    if x.dtype != jnp.float64:
-        x = x.astype(jnp.float32)
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)  # (*batch, 1)
+    x = validation.as_float_array("l2_normalize: x", x)
+    squared = jnp.sum(x * x, axis=-1, keepdims=True)  # (*batch, 1)
+    positive = squared > 0
+    norm = jnp.where(positive, jnp.sqrt(jnp.where(positive, squared, 1.0)), 0.0)
     return x / jnp.maximum(norm, eps)
 
 
@@ -43,9 +47,11 @@ def power_normalize(x: Float[AnyArray, "*batch D"], power: float = 0.5) -> Float
       power: Exponent; traced, so sweeping it does not recompile.
 
     Returns:
-      The transformed vectors (not re-normalised: follow with :func:`l2_normalize`).
+      The transformed vectors (not re-normalised: follow with :func:`l2_normalize`),
+      float32 (or float64 if given float64).
+
+    Raises:
+      TypeError: If ``x`` is not floating.
     """
-    x = jnp.asarray(x)
-    if x.dtype != jnp.float64:
-        x = x.astype(jnp.float32)
+    x = validation.as_float_array("power_normalize: x", x)
     return jnp.sign(x) * jnp.abs(x) ** power

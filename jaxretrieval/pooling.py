@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Bool, Float, Int, Scalar
 from jaxretrieval.normalization import l2_normalize
 from jaxretrieval.regions import region_masks, rmac_regions
@@ -27,25 +28,12 @@ from jaxretrieval.whitening import Whitening, apply_whitening
 def _check_features(
     name: str, features: AnyArray, valid: AnyArray | None
 ) -> tuple[Array, Array | None]:
-    """Validates shapes (statically) and casts to float32."""
-    features = jnp.asarray(features)
-    if features.ndim != 4:
-        raise ValueError(
-            f"{name} expects NHWC features of rank 4 (B, H, W, C), found shape {features.shape}."
-        )
-    if not jnp.issubdtype(features.dtype, jnp.floating):
-        raise TypeError(f"{name} expects floating features, got dtype {features.dtype}.")
-    if features.dtype != jnp.float64:
-        features = features.astype(jnp.float32)
+    """Validates shapes (statically) and casts to float32 (float64 kept)."""
+    features = validation.as_float_array(f"{name}: features", features, axes="B H W C")
     if valid is not None:
-        valid = jnp.asarray(valid)
-        if valid.shape != features.shape[:3]:
-            raise ValueError(
-                f"{name}: valid mask must have shape (B, H, W) = {features.shape[:3]}, "
-                f"found {valid.shape}."
-            )
-        if valid.dtype != jnp.bool_:
-            raise TypeError(f"{name}: valid mask must be boolean, got dtype {valid.dtype}.")
+        valid = validation.as_mask(
+            f"{name}: valid mask", valid, shape=features.shape[:3], axes="B H W"
+        )
     return features, valid
 
 

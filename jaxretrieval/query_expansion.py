@@ -18,30 +18,16 @@ All functions are batched, have fixed shapes and run on the device; ``k`` and
 import jax.numpy as jnp
 from jax import lax
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Float, Scalar
-
-
-def _as_descriptors(name: str, x: AnyArray) -> Array:
-    """Checks rank and dtype kind statically, casts to float32 (float64 kept)."""
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a matrix of rows (N, D), found shape {x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating, got dtype {x.dtype}.")
-    if x.dtype != jnp.float64:
-        x = x.astype(jnp.float32)
-    return x
+from jaxretrieval.normalization import l2_normalize
 
 
 def _check_pair(fn: str, queries: Array, database: Array, k: int) -> None:
     """Validates the static shapes shared by the query-side expansions."""
     if database.shape[0] == 0:
         raise ValueError(f"{fn}: the database is empty, found shape {database.shape}.")
-    if queries.shape[1] != database.shape[1]:
-        raise ValueError(
-            f"{fn}: queries and database must have the same dimension D, found "
-            f"queries {queries.shape} and database {database.shape}."
-        )
+    validation.check_same_dim("queries", queries, "database", database)
     if not 0 <= k <= database.shape[0]:
         raise ValueError(
             f"{fn}: k must be in [0, N] for a database of shape {database.shape}, found k={k}."
@@ -55,11 +41,6 @@ def _neighbor_weights(similarities: Array, alpha: Array) -> Array:
     return jnp.where(positive, safe**alpha, 0.0)
 
 
-def _l2_normalize_rows(x: Array) -> Array:
-    norm = jnp.linalg.norm(x, axis=-1, keepdims=True)  # (Q, 1)
-    return x / jnp.maximum(norm, 1e-12)
-
-
 def _expand(
     queries: Array,
     database: Array,
@@ -69,7 +50,7 @@ def _expand(
 ) -> Array:
     """Weighted mean of each query and its top-k rows of ``database`` under ``similarities``."""
     if k == 0:
-        return _l2_normalize_rows(queries)
+        return l2_normalize(queries)
     top_similarities, top_indices = lax.top_k(similarities, k)  # (Q, K)
     neighbors = database[top_indices]  # (Q, K, D)
     if alpha is None:
@@ -79,7 +60,7 @@ def _expand(
     expanded = queries + jnp.einsum("qk,qkd->qd", weights, neighbors)  # (Q, D)
     # The mean's denominator (1 + sum of weights) is a positive per-row constant that the
     # L2 normalisation removes, so it is not computed.
-    return _l2_normalize_rows(expanded)
+    return l2_normalize(expanded)
 
 
 def average_query_expansion(
@@ -110,10 +91,10 @@ def average_query_expansion(
       >>> np.asarray(out, np.float64).round(4).tolist()
       [[0.3162, 0.9487]]
     """
-    queries = _as_descriptors("queries", queries)
-    database = _as_descriptors("database", database)
+    queries = validation.as_float_array("queries", queries, axes="Q D")
+    database = validation.as_float_array("database", database, axes="N D")
     _check_pair("average_query_expansion", queries, database, k)
-    database = database.astype(queries.dtype)
+    queries, database = validation.common_float(queries, database)
     similarities = jnp.einsum("qd,nd->qn", queries, database)  # (Q, N)
     return _expand(queries, database, similarities, None, k)
 
@@ -147,10 +128,10 @@ def alpha_query_expansion(
       Radenović, Tolias, Chum. Fine-tuning CNN image retrieval with no human annotation.
       TPAMI 2018.
     """
-    queries = _as_descriptors("queries", queries)
-    database = _as_descriptors("database", database)
+    queries = validation.as_float_array("queries", queries, axes="Q D")
+    database = validation.as_float_array("database", database, axes="N D")
     _check_pair("alpha_query_expansion", queries, database, k)
-    database = database.astype(queries.dtype)
+    queries, database = validation.common_float(queries, database)
     alpha = jnp.asarray(alpha, dtype=queries.dtype)
     similarities = jnp.einsum("qd,nd->qn", queries, database)  # (Q, N)
     return _expand(queries, database, similarities, alpha, k)
@@ -189,7 +170,7 @@ def database_side_augmentation(
       Arandjelović, Zisserman. Three things everyone should know to improve object
       retrieval. CVPR 2012 (DBA). Radenović, Tolias, Chum. TPAMI 2018 (alpha weighting).
     """
-    database = _as_descriptors("database", database)
+    database = validation.as_float_array("database", database, axes="N D")
     num_items, dim = database.shape
     if num_items == 0:
         raise ValueError(
@@ -203,7 +184,7 @@ def database_side_augmentation(
     if chunk_size < 1:
         raise ValueError(f"database_side_augmentation: chunk_size must be >= 1, got {chunk_size}.")
     if k == 0:
-        return _l2_normalize_rows(database)
+        return l2_normalize(database)
     alpha = jnp.asarray(alpha, dtype=database.dtype)
     chunk_size = min(chunk_size, num_items)
     num_chunks = -(-num_items // chunk_size)

@@ -28,6 +28,7 @@ import os
 import faiss
 import numpy as np
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Float, Int
 from jaxretrieval.similarity import cosine_similarities
 
@@ -234,15 +235,7 @@ class SearchIndex:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, found {batch_size}.")
         if exclude is not None:
-            exclude = np.asarray(exclude)
-            if exclude.ndim != 2 or exclude.shape[0] != x.shape[0]:
-                raise ValueError(
-                    f"exclude must be (Q, X) = ({x.shape[0]}, X) database ids, found shape "
-                    f"{exclude.shape}."
-                )
-            if exclude.dtype.kind not in "iu":
-                raise TypeError(f"exclude must hold integer ids, got dtype {exclude.dtype}.")
-            exclude = exclude.astype(np.int64)
+            exclude = validation.index_array("exclude", exclude, axes=f"{x.shape[0]} X")
         k = min(k, self.size)
         num_searched = k if exclude is None else min(k + exclude.shape[1], self.size)
         num_queries = x.shape[0]
@@ -443,34 +436,10 @@ def _is_listed(ids: np.ndarray, listed: np.ndarray, num_items: int) -> np.ndarra
 
 
 def _host_matrix(name: str, x: AnyArray, *, dim: int | None = None) -> np.ndarray:
-    """Contiguous float32 rows for faiss, with shape, dtype and NaN/inf checks."""
-    x = np.asarray(x)
-    if x.ndim != 2 or (dim is not None and x.shape[1] != dim):
-        expected = f"(N, {dim})" if dim is not None else "(N, D)"
-        raise ValueError(f"{name}: expected descriptors of shape {expected}, found {x.shape}.")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name} must be floating, got dtype {x.dtype}.")
-    x = np.ascontiguousarray(x, dtype=np.float32)
-    finite = np.isfinite(x).all(axis=1)
-    if not finite.all():
-        nan_rows = np.flatnonzero(np.isnan(x).any(axis=1))
-        inf_rows = np.flatnonzero(np.isinf(x).any(axis=1))
-        found = [
-            f"{what} at rows {_some(rows)}"
-            for what, rows in (("NaN", nan_rows), ("inf", inf_rows))
-            if rows.size
-        ]
-        raise ValueError(
-            f"{name}: {np.count_nonzero(~finite)} of {x.shape[0]} rows contain NaN or inf: "
-            f"{' and '.join(found)}."
-        )
+    """Contiguous float32 rows for faiss, shape-, dtype- and NaN/inf-checked."""
+    x = validation.as_host_float_array(name, x, axes="N D" if dim is None else f"N {dim}")
+    validation.check_finite(name, x)
     return x
-
-
-def _some(rows: np.ndarray, most: int = 5) -> str:
-    """The first few row numbers, e.g. ``[3, 17]`` or ``[1, 2, 3, 4, 5] (+7 more)``."""
-    more = f" (+{rows.size - most} more)" if rows.size > most else ""
-    return f"{rows[:most].tolist()}{more}"
 
 
 __all__ = ["INDEX_TYPES", "SearchIndex", "knn_search", "rank_database"]

@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Float, Int
 
 
@@ -25,16 +26,19 @@ def cosine_similarities(
       database_descriptors: L2-normalised database rows.
 
     Returns:
-      ``similarities[q, n] = <query q, database n>``.
+      ``similarities[q, n] = <query q, database n>``, float32 (float64 if either input
+      is float64; see :mod:`jaxretrieval.validation`).
+
+    Raises:
+      ValueError: If an input is not a matrix or the dimensions differ.
+      TypeError: If an input is not floating.
 
     Examples:
       >>> import jax.numpy as jnp
       >>> cosine_similarities(jnp.eye(2), jnp.array([[0.0, 1.0]])).tolist()
       [[0.0], [1.0]]
     """
-    queries = _as_float32_matrix("query_descriptors", query_descriptors)
-    database = _as_float32_matrix("database_descriptors", database_descriptors)
-    _check_same_dim(queries, database)
+    queries, database = _descriptor_pair(query_descriptors, database_descriptors)
     return jnp.einsum("qd,nd->qn", queries, database)
 
 
@@ -70,10 +74,9 @@ def chunked_top_k(
 
     Raises:
       ValueError: If k is not in [1, N], chunk_size < 1, or the dimensions differ.
+      TypeError: If an input is not floating.
     """
-    queries = _as_float32_matrix("query_descriptors", query_descriptors)
-    database = _as_float32_matrix("database_descriptors", database_descriptors)
-    _check_same_dim(queries, database)
+    queries, database = _descriptor_pair(query_descriptors, database_descriptors)
     num_database = database.shape[0]
     if not 1 <= k <= num_database:
         raise ValueError(f"k must be in [1, N={num_database}], found k={k}.")
@@ -99,25 +102,16 @@ def chunked_top_k(
         return TopK(top_scores, jnp.take_along_axis(all_indices, position, axis=1)), None
 
     init = TopK(
-        jnp.full((num_queries, k), -jnp.inf, jnp.float32),
+        jnp.full((num_queries, k), -jnp.inf, queries.dtype),
         jnp.full((num_queries, k), -1, jnp.int32),
     )
     best, _ = jax.lax.scan(step, init, (chunks, jnp.arange(num_chunks, dtype=jnp.int32)))
     return best
 
 
-def _as_float32_matrix(name: str, x: AnyArray) -> Array:
-    x = jnp.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a matrix (rows, D), found shape {x.shape}.")
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating, got dtype {x.dtype}.")
-    return x.astype(jnp.float32)
-
-
-def _check_same_dim(queries: Array, database: Array) -> None:
-    if queries.shape[1] != database.shape[1]:
-        raise ValueError(
-            "queries and database must have the same descriptor dimension, found "
-            f"{queries.shape} and {database.shape}."
-        )
+def _descriptor_pair(queries: AnyArray, database: AnyArray) -> tuple[Array, Array]:
+    """Query and database rows checked and cast to one float dtype (float policy)."""
+    queries = validation.as_float_array("query_descriptors", queries, axes="Q D")
+    database = validation.as_float_array("database_descriptors", database, axes="N D")
+    validation.check_same_dim("query_descriptors", queries, "database_descriptors", database)
+    return validation.common_float(queries, database)

@@ -17,6 +17,7 @@ from typing import NamedTuple
 import jax.numpy as jnp
 import numpy as np
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Float, Int
 from jaxretrieval.normalization import l2_normalize
 
@@ -34,15 +35,15 @@ class Whitening(NamedTuple):
     projection: Float[Array, "D_out D"]
 
 
-def _as_host_descriptors(name: str, descriptors: AnyArray) -> np.ndarray:
-    x = np.asarray(descriptors)
-    if x.ndim != 2:
-        raise ValueError(f"{name}: descriptors must be rows (N, D), found shape {x.shape}.")
-    if not np.issubdtype(x.dtype, np.floating):
-        raise TypeError(f"{name}: descriptors must be floating, got dtype {x.dtype}.")
+def _training_descriptors(name: str, descriptors: AnyArray) -> np.ndarray:
+    """Host float64 rows (the fit's ``eigh`` precision), finite, at least two of them."""
+    x = validation.as_host_float_array(
+        f"{name}: descriptors", descriptors, axes="N D", dtype=np.float64
+    )
     if x.shape[0] < 2:
         raise ValueError(f"{name}: need at least 2 descriptors to fit, found shape {x.shape}.")
-    return x.astype(np.float64)
+    validation.check_finite(f"{name}: descriptors", x)
+    return x
 
 
 def _check_dim(name: str, dim: int | None, available: int) -> int:
@@ -105,7 +106,7 @@ def learn_pca_whitening(
       Radenović, Tolias, Chum. Fine-tuning CNN image retrieval with no human annotation.
       TPAMI 2018.
     """
-    x = _as_host_descriptors("learn_pca_whitening", descriptors)
+    x = _training_descriptors("learn_pca_whitening", descriptors)
     n, d = x.shape
     dim = _check_dim("learn_pca_whitening", dim, d)
     mean = x.mean(axis=0)  # (D,)
@@ -120,14 +121,8 @@ def learn_pca_whitening(
 def _check_pairs(
     name: str, query_idx: AnyArray, positive_idx: AnyArray, n: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    q, p = np.asarray(query_idx), np.asarray(positive_idx)
-    for label, idx in (("query_idx", q), ("positive_idx", p)):
-        if idx.ndim != 1 or not np.issubdtype(idx.dtype, np.integer):
-            raise ValueError(
-                f"{name}: {label} must be a 1-d integer array, found {idx.dtype} {idx.shape}."
-            )
-        if idx.size and (idx.min() < 0 or idx.max() >= n):
-            raise ValueError(f"{name}: {label} has indices outside [0, {n}).")
+    q = validation.index_array(f"{name}: query_idx", query_idx, upper=n)
+    p = validation.index_array(f"{name}: positive_idx", positive_idx, upper=n)
     if q.shape != p.shape or q.size == 0:
         raise ValueError(
             f"{name}: query_idx and positive_idx must be non-empty and of equal length, "
@@ -182,7 +177,7 @@ def learn_supervised_whitening(
       Mikolajczyk, Matas. Improving descriptors for fast tree matching by optimal linear
       projection. ICCV 2007.
     """
-    x = _as_host_descriptors("learn_supervised_whitening", descriptors)
+    x = _training_descriptors("learn_supervised_whitening", descriptors)
     n, d = x.shape
     dim = _check_dim("learn_supervised_whitening", dim, d)
     q, p = _check_pairs("learn_supervised_whitening", query_idx, positive_idx, n)
@@ -226,18 +221,14 @@ def apply_whitening(
       >>> apply_whitening(w, jnp.array([[3.0, 4.0]]), dim=1).tolist()
       [[1.0]]
     """
-    x = jnp.asarray(x)
+    x = validation.as_float_array("apply_whitening: descriptors", x, axes="N D")
     mean, projection = jnp.asarray(whitening.mean), jnp.asarray(whitening.projection)
-    if x.ndim != 2 or x.shape[1] != projection.shape[1] or mean.shape != (x.shape[1],):
+    if x.shape[1] != projection.shape[1] or mean.shape != (x.shape[1],):
         raise ValueError(
             f"apply_whitening: descriptors {x.shape} do not fit a whitening with mean "
             f"{mean.shape} and projection {projection.shape}."
         )
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"apply_whitening: descriptors must be floating, got dtype {x.dtype}.")
     dim = _check_dim("apply_whitening", dim, projection.shape[0])
-    dtype = jnp.float64 if x.dtype == jnp.float64 else jnp.float32
-    x = x.astype(dtype)
-    centred = x - mean.astype(dtype)[None, :]  # (N, D)
-    projected = centred @ projection[:dim].astype(dtype).T  # (N, dim)
+    centred = x - mean.astype(x.dtype)[None, :]  # (N, D)
+    projected = centred @ projection[:dim].astype(x.dtype).T  # (N, dim)
     return l2_normalize(projected)

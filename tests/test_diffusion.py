@@ -262,6 +262,16 @@ def test_diffusion_raises(without_annotation_checks):
         knn_search(x, np.ones((3, 5), np.float32), k=1)
     with pytest.raises(ValueError, match="rank must be >= 1"):
         dif.learn_spectral_index(graph, rank=0)
+    with pytest.raises(TypeError, match="knn_affinity: database must be floating, got dtype int32"):
+        dif.knn_affinity(np.ones((5, 4), np.int32), num_neighbors=2)
+    with pytest.raises(
+        ValueError, match=r"neighbors, weights and valid must share one \(N, K\) shape.*\(5, 1\)"
+    ):
+        dif.normalize_affinity(graph._replace(valid=np.ones((5, 1), bool)))
+    with pytest.raises(TypeError, match=r"diffusion_scores: graph.valid must be boolean"):
+        dif.diffusion_scores(graph._replace(valid=np.ones((5, 2), np.float32)), np.ones((1, 5)))
+    with pytest.raises(TypeError, match=r"seeds_from_neighbors: indices must be integer"):
+        dif.seeds_from_neighbors(np.ones((1, 2), np.float32), np.ones((1, 2), np.float32))
 
 
 def test_seeds_from_neighbors_ignores_missing_and_negative():

@@ -205,13 +205,13 @@ def test_compute_map_shortlist_lower_bounds_full_ranking(shape, seed):
 def test_compute_map_raises():
     ranks = np.array([[0, 1, 2], [2, 1, 0]])
     gnd = [{"ok": [0]}, {"ok": [1]}]
-    with pytest.raises(ValueError, match=r"must be 2-D .* found shape \(3,\)"):
+    with pytest.raises(ValueError, match=r"ranks must have shape \(Q, K\), found shape \(3,\)"):
         compute_map(np.array([0, 1, 2]), gnd[:1])
     with pytest.raises(ValueError, match=r"ranks is empty \(shape \(2, 0\)\)"):
         compute_map(np.zeros((2, 0), np.int64), gnd)
     with pytest.raises(ValueError, match=r"ranks is empty \(shape \(0, 3\)\)"):
         compute_map(np.zeros((0, 3), np.int64), [])
-    with pytest.raises(TypeError, match="integer database indices, got dtype float64"):
+    with pytest.raises(TypeError, match="ranks must hold integer indices, got dtype float64"):
         compute_map(ranks.astype(np.float64), gnd)
     with pytest.raises(ValueError, match="gnd has 1 entries but ranks has 2 rows"):
         compute_map(ranks, gnd[:1])
@@ -227,7 +227,7 @@ def test_compute_map_raises():
         compute_map(np.array([[0, 1, 2], [2, 1, 2]]), gnd)
     with per_query_tables(), pytest.raises(ValueError, match=r"ranks row 1 repeats .* \[1\]"):
         compute_map(np.array([[0, 1, 2], [1, 1, 0]]), gnd)
-    with pytest.raises(ValueError, match=r"gnd\[1\]\['ok'\] must be a flat list, found shape"):
+    with pytest.raises(ValueError, match=r"gnd\[1\]\['ok'\] must have shape \(N,\), found shape"):
         compute_map(ranks, [{"ok": [0]}, {"ok": np.array([[1]])}])
     with pytest.raises(ValueError, match=r"gnd\[1\]\['ok'\] holds index 3, outside \[0, 3\)"):
         compute_map(ranks, [{"ok": [0]}, {"ok": [3]}])
@@ -239,7 +239,7 @@ def test_compute_map_raises():
         compute_map(ranks, [{"ok": [0, 1], "junk": [1]}, {"ok": [1]}])
     with pytest.raises(ValueError, match=r"gnd\[1\] has no 'ok' list"):
         compute_map(ranks, [{"ok": [0]}, {"easy": [1]}])
-    with pytest.raises(TypeError, match=r"gnd\[0\]\['ok'\] must hold integers"):
+    with pytest.raises(TypeError, match=r"gnd\[0\]\['ok'\] must hold integer indices, got dtype"):
         compute_map(ranks, [{"ok": [0.5]}, {"ok": [1]}])
     with pytest.raises(ValueError, match="kappas must be positive integers"):
         compute_map(ranks, gnd, kappas=[0, 5])

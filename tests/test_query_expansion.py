@@ -151,5 +151,7 @@ def test_query_expansions_raise(without_annotation_checks):
         qe.database_side_augmentation(database, k=3, alpha=3.0)
     with pytest.raises(ValueError, match="empty"):
         qe.database_side_augmentation(np.zeros((0, 4), np.float32), k=0)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="database must be floating, got dtype int32"):
         qe.average_query_expansion(queries, np.ones((3, 4), np.int32), k=1)
+    with pytest.raises(ValueError, match=r"queries must have shape \(Q, D\), found shape \(4,\)"):
+        qe.average_query_expansion(queries[0], database, k=1)

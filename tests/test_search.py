@@ -114,9 +114,9 @@ def test_knn_search_raises(without_annotation_checks):
         knn_search(x, np.ones((3, 4), np.int32), k=1)
     with pytest.raises(ValueError, match="same dimension D"):
         knn_search(x, np.ones((3, 5), np.float32), k=1)
-    with pytest.raises(ValueError, match=r"exclude must be \(Q, X\) = \(3, X\).*\(2, 1\)"):
+    with pytest.raises(ValueError, match=r"exclude must have shape \(3, X\), found shape \(2, 1\)"):
         knn_search(x, x, k=1, exclude=np.zeros((2, 1), np.int64))
-    with pytest.raises(TypeError, match="exclude must hold integer ids"):
+    with pytest.raises(TypeError, match="exclude must hold integer indices, got dtype float32"):
         knn_search(x, x, k=1, exclude=np.zeros((3, 1), np.float32))
     with pytest.raises(ValueError, match=r"needs at least 256 training descriptors, found 3"):
         knn_search(x, x, k=1, index_type="ivfpq", num_subquantizers=2)

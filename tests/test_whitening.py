@@ -224,26 +224,34 @@ def test_apply_whitening_jit_matches_eager_and_reference():
 
 def test_whitening_raises(without_annotation_checks):
     x = np.random.default_rng(8).normal(size=(6, 3))
-    with pytest.raises(ValueError, match=r"rows \(N, D\), found shape \(6,\)"):
+    with pytest.raises(
+        ValueError, match=r"descriptors must have shape \(N, D\), found shape \(6,\)"
+    ):
         whitening.learn_pca_whitening(x[:, 0])
     with pytest.raises(ValueError, match="at least 2 descriptors"):
         whitening.learn_pca_whitening(x[:1])
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="descriptors must be floating, got dtype int32"):
         whitening.learn_pca_whitening(np.ones((4, 3), np.int32))
+    bad = x.copy()
+    bad[4, 1] = np.nan
+    with pytest.raises(ValueError, match=r"1 of 6 rows contain NaN or inf: NaN at rows \[4\]"):
+        whitening.learn_pca_whitening(bad)
     with pytest.raises(ValueError, match=r"dim must be in \[1, 3\], found 4"):
         whitening.learn_pca_whitening(x, dim=4)
-    with pytest.raises(ValueError, match="outside"):
+    with pytest.raises(ValueError, match=r"positive_idx holds index 6, outside \[0, 6\)"):
         whitening.learn_supervised_whitening(x, np.array([0, 1]), np.array([2, 6]))
     with pytest.raises(ValueError, match="equal length"):
         whitening.learn_supervised_whitening(x, np.array([0, 1]), np.array([2]))
-    with pytest.raises(ValueError, match="1-d integer"):
+    with pytest.raises(TypeError, match="query_idx must hold integer indices, got dtype float64"):
         whitening.learn_supervised_whitening(x, np.array([0.0]), np.array([1]))
+    with pytest.raises(ValueError, match=r"query_idx must have shape \(N,\), found shape \(1, 2\)"):
+        whitening.learn_supervised_whitening(x, np.array([[0, 1]]), np.array([1, 2]))
     w = whitening.learn_pca_whitening(x)
     with pytest.raises(ValueError, match=r"descriptors \(2, 4\) do not fit"):
         whitening.apply_whitening(w, np.zeros((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"dim must be in \[1, 3\], found 0"):
         whitening.apply_whitening(w, np.zeros((2, 3), np.float32), dim=0)
-    with pytest.raises(TypeError, match="floating"):
+    with pytest.raises(TypeError, match="descriptors must be floating, got dtype int32"):
         whitening.apply_whitening(w, np.zeros((2, 3), np.int32))
 
 

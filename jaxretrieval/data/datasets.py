@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from jaxtyping import UInt8
 
-from jaxretrieval import safe_pickle
+from jaxretrieval import safe_pickle, validation
 from jaxretrieval.data import images
 
 IMAGE_DIRS = ("images", "jpg")
@@ -41,14 +41,7 @@ _MAX_LISTED = 5
 
 
 def _index_array(values: Any, where: str) -> np.ndarray:
-    array = np.asarray(values)
-    if array.size == 0:
-        array = np.zeros((0,), np.int64)
-    if array.ndim != 1:
-        raise ValueError(f"{where} must be a flat list of indices, got shape {array.shape}.")
-    if array.dtype.kind not in "iu":
-        raise TypeError(f"{where} must hold integer indices, got dtype {array.dtype}.")
-    array = array.astype(np.int64)
+    array = validation.index_array(where, values)  # 1-D int64, a fresh copy
     array.flags.writeable = False
     return array
 

@@ -32,6 +32,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Bool, Float, Int
 
 
@@ -171,9 +172,7 @@ def _channel_regions(activations: np.ndarray, stride: float, params: MSERParams)
     """MSER on every channel of one map -> candidate features in image coordinates."""
     import cv2  # host-only dependency; the device side does not need it
 
-    if activations.ndim != 3:
-        raise ValueError(f"activation maps must be (H, W, C), found shape {activations.shape}.")
-    height, width, num_channels = activations.shape
+    height, width, num_channels = activations.shape  # checked by the caller
     quantized = quantize_activations(activations, per_channel=params.per_channel_scaling)
     delta = automatic_delta(quantized, params)
     detector = cv2.MSER_create(
@@ -225,7 +224,7 @@ def _channel_regions(activations: np.ndarray, stride: float, params: MSERParams)
 
 
 def ellipse_boxes(
-    means: Float[AnyArray, "K 2"], covariances: Float[AnyArray, "K 2 2"]
+    means: Float[AnyArray, "M 2"], covariances: Float[AnyArray, "M 2 2"]
 ) -> np.ndarray:
     """Axis-aligned boxes ``(x0, y0, x1, y1)`` around the region ellipses.
 
@@ -236,7 +235,7 @@ def ellipse_boxes(
     means = np.asarray(means, np.float64)
     covariances = np.asarray(covariances, np.float64)
     half = 2.0 * np.sqrt(np.stack([covariances[:, 0, 0], covariances[:, 1, 1]], axis=1))
-    return np.concatenate([means - half, means + half], axis=1)  # (K, 4)
+    return np.concatenate([means - half, means + half], axis=1)  # (M, 4)
 
 
 def box_iou(boxes_a: np.ndarray, boxes_b: np.ndarray) -> np.ndarray:
@@ -338,17 +337,13 @@ def activation_local_features(
     if len(activation_maps) == 0:
         raise ValueError("activation_maps is empty; pass at least one (activations, stride).")
     parts = []
-    for activations, stride in activation_maps:
-        activations = np.asarray(activations)
-        if activations.ndim != 3:
-            raise ValueError(
-                f"each activation map must be (H, W, C), found shape {activations.shape}."
-            )
-        if not np.issubdtype(activations.dtype, np.floating):
-            raise TypeError(f"activation maps must be floating, got dtype {activations.dtype}.")
+    for i, (activations, stride) in enumerate(activation_maps):
+        activations = validation.as_host_float_array(
+            f"activation_maps[{i}]", activations, axes="H W C"
+        )
         if not stride > 0:
             raise ValueError(f"stride must be positive, got {stride}.")
-        parts.append(_channel_regions(activations.astype(np.float32), float(stride), mser))
+        parts.append(_channel_regions(activations, float(stride), mser))
     means = np.concatenate([p.means for p in parts])
     covs = np.concatenate([p.covariances for p in parts])
     strengths = np.concatenate([p.strengths for p in parts])

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import Array, Bool, Int
 from jaxretrieval.spatial_verification.activation_regions import LocalFeatures
 
@@ -33,9 +34,7 @@ def check_local_features(name: str, features: LocalFeatures) -> LocalFeatures:
     """Validates one image's :class:`LocalFeatures` (static shapes) and casts dtypes."""
     if not isinstance(features, LocalFeatures):
         raise TypeError(f"{name} must be LocalFeatures, got {type(features).__name__}.")
-    means = jnp.asarray(features.means)
-    if means.ndim != 2 or means.shape[1] != 2:
-        raise ValueError(f"{name}.means must have shape (M, 2), found {means.shape}.")
+    means = validation.as_float_array(f"{name}.means", features.means, axes="M 2")
     num = means.shape[0]
     expected = {
         "covariances": (num, 2, 2),
@@ -50,18 +49,17 @@ def check_local_features(name: str, features: LocalFeatures) -> LocalFeatures:
                 f"{name}.{field} must have shape {shape} to match means {means.shape}, "
                 f"found {found}."
             )
-    channels = jnp.asarray(features.channels)
-    if not jnp.issubdtype(channels.dtype, jnp.integer):
-        raise TypeError(f"{name}.channels must be integer, got dtype {channels.dtype}.")
-    valid = jnp.asarray(features.valid)
-    if valid.dtype != jnp.bool_:
-        raise TypeError(f"{name}.valid must be boolean, got dtype {valid.dtype}.")
+    means, covariances, strengths = validation.common_float(
+        means,
+        validation.as_float_array(f"{name}.covariances", features.covariances),
+        validation.as_float_array(f"{name}.strengths", features.strengths),
+    )
     return LocalFeatures(
-        means=means.astype(jnp.float32),
-        covariances=jnp.asarray(features.covariances, jnp.float32),
-        strengths=jnp.asarray(features.strengths, jnp.float32),
-        channels=channels.astype(jnp.int32),
-        valid=valid,
+        means=means,
+        covariances=covariances,
+        strengths=strengths,
+        channels=validation.as_int_array(f"{name}.channels", features.channels),
+        valid=validation.as_mask(f"{name}.valid", features.valid),
     )
 
 

@@ -2,7 +2,7 @@
 
 :func:`verify_pair` verifies one image pair (tentative same-channel correspondences, then
 :func:`~jaxretrieval.spatial_verification.ransac.ransac_affine`); :func:`verify_shortlist`
-vmaps it over a shortlist; :func:`rerank_shortlist` verifies each query's global top-S and
+vmaps it over a shortlist; :func:`rerank_shortlist` verifies each query's global top-L and
 re-orders it by inliers; :func:`dsm_diffusion_seeds` turns the verified images into
 diffusion seeds. Nothing is jitted inside: callers jit, with the shape arguments static.
 """
@@ -12,6 +12,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Float, Int, Scalar
 from jaxretrieval.spatial_verification.activation_regions import LocalFeatures
 from jaxretrieval.spatial_verification.correspondences import (
@@ -101,15 +102,6 @@ def distinct_inliers(
     return jnp.minimum(jnp.sum(used_a, dtype=jnp.int32), jnp.sum(used_b, dtype=jnp.int32))
 
 
-def _leading(name: str, features: LocalFeatures, rank: int) -> int:
-    shape = jnp.shape(features.means)
-    if len(shape) != rank + 2 or shape[-1] != 2:
-        raise ValueError(
-            f"{name}.means must have {rank} leading batch axes then (M, 2), found {shape}."
-        )
-    return shape[0]
-
-
 def verify_shortlist(
     query_features: LocalFeatures,
     shortlist_features: LocalFeatures,
@@ -120,11 +112,11 @@ def verify_shortlist(
     refinement_steps: int = 3,
     max_hypotheses: int | None = None,
 ) -> tuple[VerificationResult, Correspondences]:
-    """:func:`verify_pair` of one query against K images at once (``jax.vmap``).
+    """:func:`verify_pair` of one query against L images at once (``jax.vmap``).
 
     Args:
       query_features: One image's features, leading axis M.
-      shortlist_features: Features with a leading K axis: ``means`` is (K, M, 2).
+      shortlist_features: Features with a leading L axis: ``means`` is (L, M, 2).
       max_correspondences: See :func:`verify_pair`.
       error_threshold: See :func:`verify_pair`.
       max_scale_change: See :func:`verify_pair`.
@@ -132,12 +124,12 @@ def verify_shortlist(
       max_hypotheses: See :func:`verify_pair`.
 
     Returns:
-      :func:`verify_pair`'s outputs with a leading K axis.
+      :func:`verify_pair`'s outputs with a leading L axis.
 
     Raises:
       ValueError: If ``shortlist_features`` has no leading axis.
     """
-    _leading("shortlist_features", shortlist_features, 1)
+    validation.check_shape("shortlist_features.means", shortlist_features.means, "L M 2")
 
     def one(features_b):
         return verify_pair(
@@ -159,12 +151,12 @@ class Reranking(NamedTuple):
     Attributes:
       ranks: ``(Q, N)`` database indices, best first: the re-ordered shortlist, then the
         rest of the global ranking unchanged.
-      shortlist_inliers: ``(Q, S)`` inlier count of each re-ranked shortlist image
+      shortlist_inliers: ``(Q, L)`` inlier count of each re-ranked shortlist image
         (``shortlist_inliers[q, s]`` belongs to ``ranks[q, s]``).
     """
 
     ranks: Int[Array, "Q N"]
-    shortlist_inliers: Int[Array, "Q S"]
+    shortlist_inliers: Int[Array, "Q L"]
 
 
 def rerank_shortlist(
@@ -182,7 +174,7 @@ def rerank_shortlist(
     max_hypotheses: int | None = None,
     count_distinct: bool = False,
 ) -> Reranking:
-    """Re-orders each query's global top-S by DSM inlier counts.
+    """Re-orders each query's global top-L by DSM inlier counts.
 
     The rule: within the top ``shortlist_size`` of the global ranking, images with at least
     ``min_inliers`` inliers ("verified") come first, by decreasing inlier count, ties broken
@@ -198,7 +190,7 @@ def rerank_shortlist(
         image n, indexed by database id (not by rank).
       query_features: Features with a leading Q axis (``means`` (Q, M, 2)).
       database_features: Features with a leading N axis (``means`` (N, M, 2)).
-      shortlist_size: S (static), clipped to the number of ranked images.
+      shortlist_size: L (static), clipped to the number of ranked images.
       min_inliers: Smallest inlier count that counts as verified (static or traced).
       max_correspondences: See :func:`verify_pair`.
       error_threshold: See :func:`verify_pair`.
@@ -218,20 +210,20 @@ def rerank_shortlist(
       Simeoni, Avrithis, Chum. Local features and visual words emerge in activations.
       CVPR 2019.
     """
-    global_ranks = jnp.asarray(global_ranks)
-    global_scores = jnp.asarray(global_scores, jnp.float32)
-    if global_ranks.ndim != 2:
-        raise ValueError(f"global_ranks must be (Q, N), found shape {global_ranks.shape}.")
-    if not jnp.issubdtype(global_ranks.dtype, jnp.integer):
-        raise TypeError(f"global_ranks must be integer, got dtype {global_ranks.dtype}.")
+    global_ranks = validation.as_int_array("global_ranks", global_ranks, axes="Q N")
+    global_scores = validation.as_float_array("global_scores", global_scores, axes="Q N")
     num_queries, num_ranked = global_ranks.shape
     if shortlist_size < 1:
         raise ValueError(f"shortlist_size must be >= 1, got {shortlist_size}.")
-    num_database = _leading("database_features", database_features, 1)
-    if _leading("query_features", query_features, 1) != num_queries:
+    num_database = validation.check_shape(
+        "database_features.means", database_features.means, "N M 2"
+    )[0]
+    num_query_features = validation.check_shape(
+        "query_features.means", query_features.means, "Q M 2"
+    )[0]
+    if num_query_features != num_queries:
         raise ValueError(
-            f"query_features has {jnp.shape(query_features.means)[0]} queries but "
-            f"global_ranks has {num_queries}."
+            f"query_features has {num_query_features} queries but global_ranks has {num_queries}."
         )
     if global_scores.shape != (num_queries, num_database):
         raise ValueError(
@@ -239,8 +231,8 @@ def rerank_shortlist(
             f"found {global_scores.shape}."
         )
     size = min(shortlist_size, num_ranked)
-    shortlist = global_ranks[:, :size].astype(jnp.int32)  # (Q, S)
-    candidates = jax.tree.map(lambda x: jnp.asarray(x)[shortlist], database_features)  # (Q, S, ...)
+    shortlist = global_ranks[:, :size]  # (Q, L)
+    candidates = jax.tree.map(lambda x: jnp.asarray(x)[shortlist], database_features)  # (Q, L, ...)
 
     def per_query(query, database):
         result, matches = verify_shortlist(
@@ -259,13 +251,13 @@ def rerank_shortlist(
             lambda r, m: distinct_inliers(r, m, num_features_a=num_a, num_features_b=num_b)
         )(result, matches)
 
-    inliers = jax.vmap(per_query)(query_features, candidates)  # (Q, S)
-    verified = jnp.where(inliers >= min_inliers, inliers, 0)  # (Q, S)
-    scores = jnp.take_along_axis(global_scores, shortlist, axis=1)  # (Q, S)
+    inliers = jax.vmap(per_query)(query_features, candidates)  # (Q, L)
+    verified = jnp.where(inliers >= min_inliers, inliers, 0)  # (Q, L)
+    scores = jnp.take_along_axis(global_scores, shortlist, axis=1)  # (Q, L)
     # lexsort: the last key is primary. Stable, so full ties keep the global order.
-    order = jax.vmap(lambda v, s: jnp.lexsort((-s, -v)))(verified, scores)  # (Q, S)
-    reordered = jnp.take_along_axis(shortlist, order, axis=1)  # (Q, S)
-    ranks = jnp.concatenate([reordered, global_ranks[:, size:].astype(jnp.int32)], axis=1)
+    order = jax.vmap(lambda v, s: jnp.lexsort((-s, -v)))(verified, scores)  # (Q, L)
+    reordered = jnp.take_along_axis(shortlist, order, axis=1)  # (Q, L)
+    ranks = jnp.concatenate([reordered, global_ranks[:, size:]], axis=1)
     return Reranking(ranks=ranks, shortlist_inliers=jnp.take_along_axis(inliers, order, axis=1))
 
 

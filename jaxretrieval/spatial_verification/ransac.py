@@ -16,6 +16,7 @@ from typing import NamedTuple
 
 import jax.numpy as jnp
 
+from jaxretrieval import validation
 from jaxretrieval.array_types import AnyArray, Array, Bool, Float, Int, Scalar
 
 # Covariances are regularised by this many squared pixels before the Cholesky factorisation,
@@ -60,16 +61,6 @@ def _inverse_lower_2x2(lower: Array) -> Array:
     )  # (..., 2, 2)
 
 
-def _check_points(name: str, x: AnyArray, last: tuple[int, ...]) -> Array:
-    x = jnp.asarray(x)
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-        raise TypeError(f"{name} must be floating, got dtype {x.dtype}.")
-    if x.ndim != 1 + len(last) or x.shape[1:] != last:
-        dims = ", ".join(map(str, last))
-        raise ValueError(f"{name} must have shape (P, {dims}), found {x.shape}.")
-    return x.astype(jnp.float32)
-
-
 def ellipse_affine_hypotheses(
     means_a: Float[AnyArray, "P 2"],
     covariances_a: Float[AnyArray, "P 2 2"],
@@ -105,16 +96,21 @@ def ellipse_affine_hypotheses(
       Simeoni, Avrithis, Chum. Local features and visual words emerge in activations.
       CVPR 2019.
     """
-    means_a = _check_points("means_a", means_a, (2,))
+    means_a = validation.as_float_array("means_a", means_a, axes="P 2")
     num = means_a.shape[0]
-    covariances_a = _check_points("covariances_a", covariances_a, (2, 2))
-    means_b = _check_points("means_b", means_b, (2,))
-    covariances_b = _check_points("covariances_b", covariances_b, (2, 2))
-    for name, x in (("covariances_a", covariances_a), ("means_b", means_b)):
+    covariances_a = validation.as_float_array("covariances_a", covariances_a, axes="P 2 2")
+    means_b = validation.as_float_array("means_b", means_b, axes="P 2")
+    covariances_b = validation.as_float_array("covariances_b", covariances_b, axes="P 2 2")
+    for name, x in (
+        ("covariances_a", covariances_a),
+        ("means_b", means_b),
+        ("covariances_b", covariances_b),
+    ):
         if x.shape[0] != num:
             raise ValueError(f"{name} has {x.shape[0]} rows but means_a has {num}.")
-    if covariances_b.shape[0] != num:
-        raise ValueError(f"covariances_b has {covariances_b.shape[0]} rows but means_a has {num}.")
+    means_a, covariances_a, means_b, covariances_b = validation.common_float(
+        means_a, covariances_a, means_b, covariances_b
+    )
     lower_a = _cholesky_2x2(covariances_a)  # (P, 2, 2)
     lower_b = _cholesky_2x2(covariances_b)  # (P, 2, 2)
     linear = jnp.einsum("pij,pjk->pik", lower_b, _inverse_lower_2x2(lower_a))  # (P, 2, 2)
@@ -126,47 +122,56 @@ def ellipse_affine_hypotheses(
 
 
 def transfer_errors(
-    transforms: Float[AnyArray, "T 2 3"],
+    transforms: Float[AnyArray, "Y 2 3"],
     points_a: Float[AnyArray, "P 2"],
     points_b: Float[AnyArray, "P 2"],
-) -> Float[Array, "T P"]:
+) -> Float[Array, "Y P"]:
     """Transfer error of every correspondence under every transform.
 
     ``errors[h, p] = || A_h points_a[p] + t_h - points_b[p] ||`` in image-b pixels.
 
     Args:
-      transforms: ``(T, 2, 3)`` affine maps from image a to image b.
+      transforms: Affine hypotheses ``[A | t]`` from image a to image b.
       points_a: Correspondence points in image a.
       points_b: Correspondence points in image b.
 
     Returns:
-      The ``(T, P)`` Euclidean errors.
+      The Euclidean errors, one row per hypothesis.
+
+    Raises:
+      ValueError: On shapes other than the annotated ones.
+      TypeError: If an input is not floating.
     """
-    transforms = jnp.asarray(transforms, jnp.float32)
-    points_a = jnp.asarray(points_a, jnp.float32)
-    points_b = jnp.asarray(points_b, jnp.float32)
-    mapped = jnp.einsum("hij,pj->hpi", transforms[:, :, :2], points_a)  # (T, P, 2)
-    diff = mapped + transforms[:, None, :, 2] - points_b[None]  # (T, P, 2)
+    transforms = validation.as_float_array("transforms", transforms, axes="Y 2 3")
+    points_a = validation.as_float_array("points_a", points_a, axes="P 2")
+    points_b = validation.as_float_array("points_b", points_b, axes="P 2")
+    if points_b.shape[0] != points_a.shape[0]:
+        raise ValueError(
+            f"points_b has {points_b.shape[0]} rows but points_a has {points_a.shape[0]}."
+        )
+    transforms, points_a, points_b = validation.common_float(transforms, points_a, points_b)
+    mapped = jnp.einsum("hij,pj->hpi", transforms[:, :, :2], points_a)  # (Y, P, 2)
+    diff = mapped + transforms[:, None, :, 2] - points_b[None]  # (Y, P, 2)
     return jnp.sqrt(jnp.sum(diff * diff, axis=-1))
 
 
 def _inlier_counts(
     transforms: Array, points_a: Array, points_b: Array, valid: Array, threshold: Array
 ) -> Array:
-    """Inliers of every hypothesis, (T,), without materialising a (T, P, 2) array.
+    """Inliers of every hypothesis, (Y,), without materialising a (Y, P, 2) array.
 
-    The components are written out as broadcasts of (T, 1) against (1, P) so that XLA
-    fuses the (T, P) error computation, the comparison and the row sums into one loop;
+    The components are written out as broadcasts of (Y, 1) against (1, P) so that XLA
+    fuses the (Y, P) error computation, the comparison and the row sums into one loop;
     squared distances avoid the square root.
     """
     ax, ay = points_a[None, :, 0], points_a[None, :, 1]  # (1, P)
     ex = (
         transforms[:, 0, 0, None] * ax + transforms[:, 0, 1, None] * ay + transforms[:, 0, 2, None]
-    ) - points_b[None, :, 0]  # (T, P)
+    ) - points_b[None, :, 0]  # (Y, P)
     ey = (
         transforms[:, 1, 0, None] * ax + transforms[:, 1, 1, None] * ay + transforms[:, 1, 2, None]
-    ) - points_b[None, :, 1]  # (T, P)
-    inside = (ex * ex + ey * ey < threshold * threshold) & valid[None, :]  # (T, P)
+    ) - points_b[None, :, 1]  # (Y, P)
+    inside = (ex * ex + ey * ey < threshold * threshold) & valid[None, :]  # (Y, P)
     return jnp.sum(inside, axis=1, dtype=jnp.int32)
 
 
@@ -229,10 +234,10 @@ def ransac_affine(
        ``||A_h a_p + t_h - b_p|| < error_threshold`` (image-b pixels); all (P, P) errors at
        once. The best hypothesis has the most inliers; ties go to the lowest index, so the
        result is deterministic.
-       With ``max_hypotheses = H``, only the first H correspondences (the strongest, in the
+       With ``max_hypotheses = Y``, only the first Y correspondences (the strongest, in the
        order of
        :func:`~jaxretrieval.spatial_verification.correspondences.tentative_correspondences`)
-       become hypotheses, still scored against all P: a (H, P) instead of (P, P) cost.
+       become hypotheses, still scored against all P: a (Y, P) instead of (P, P) cost.
     3. Local optimisation (``refinement_steps`` times): refit an affine map to the current
        inliers by least squares and rescore; the refit is kept only if it is well-posed, its
        scale change is within the limit, and it has at least as many inliers.
@@ -252,7 +257,7 @@ def ransac_affine(
         single-ellipse hypotheses and ~10% shape noise, inlier recall on the synthetic
         benchmark (benchmarks/verification_speed.py) was 0.37 / 0.84 / 0.995 / 0.999 for
         0 / 1 / 2 / 3 rounds, hence 3; each round costs O(P).
-      max_hypotheses: H, hypotheses tried (static); None tries all P (DSM).
+      max_hypotheses: Y, hypotheses tried (static); None tries all P (DSM).
 
     Returns:
       A :class:`VerificationResult`. With no valid hypothesis, ``num_inliers`` is 0, the
@@ -268,32 +273,29 @@ def ransac_affine(
       Chum, Matas, Kittler. Locally optimized RANSAC. DAGM 2003.
     """
     transforms, scales = ellipse_affine_hypotheses(means_a, covariances_a, means_b, covariances_b)
-    valid = jnp.asarray(valid)
-    if valid.dtype != jnp.bool_:
-        raise TypeError(f"valid must be boolean, got dtype {valid.dtype}.")
-    if valid.shape != scales.shape:
-        raise ValueError(f"valid must have shape {scales.shape}, found {valid.shape}.")
+    valid = validation.as_mask("valid", valid, shape=scales.shape)
     if refinement_steps < 0:
         raise ValueError(f"refinement_steps must be >= 0, got {refinement_steps}.")
     if max_hypotheses is not None and max_hypotheses < 1:
         raise ValueError(f"max_hypotheses must be >= 1 or None, got {max_hypotheses}.")
-    points_a = jnp.asarray(means_a, jnp.float32)
-    points_b = jnp.asarray(means_b, jnp.float32)
-    threshold = jnp.asarray(error_threshold, jnp.float32)
-    max_scale = jnp.asarray(max_scale_change, jnp.float32)
+    dtype = transforms.dtype  # float32, or float64 (validation's float policy)
+    points_a = jnp.asarray(means_a).astype(dtype)
+    points_b = jnp.asarray(means_b).astype(dtype)
+    threshold = jnp.asarray(error_threshold, dtype)
+    max_scale = jnp.asarray(max_scale_change, dtype)
 
     def scale_ok(s):
         return (s <= max_scale) & (s * max_scale >= 1.0)
 
     if max_hypotheses is not None and max_hypotheses < transforms.shape[0]:
-        transforms = transforms[:max_hypotheses]  # (H, 2, 3)
+        transforms = transforms[:max_hypotheses]  # (Y, 2, 3)
         scales = scales[:max_hypotheses]
         hypothesis_valid = valid[:max_hypotheses]
     else:
         hypothesis_valid = valid
     finite = jnp.all(jnp.isfinite(transforms), axis=(1, 2))
-    hypothesis_ok = hypothesis_valid & scale_ok(scales) & finite  # (H,)
-    counts = _inlier_counts(transforms, points_a, points_b, valid, threshold)  # (H,)
+    hypothesis_ok = hypothesis_valid & scale_ok(scales) & finite  # (Y,)
+    counts = _inlier_counts(transforms, points_a, points_b, valid, threshold)  # (Y,)
     counts = jnp.where(hypothesis_ok, counts, 0)
     best = jnp.argmax(counts)
     transform = transforms[best]
@@ -301,7 +303,7 @@ def ransac_affine(
     count = counts[best]
 
     for _ in range(refinement_steps):
-        refit, ok = _refit_affine(points_a, points_b, mask.astype(jnp.float32))
+        refit, ok = _refit_affine(points_a, points_b, mask.astype(dtype))
         det = refit[0, 0] * refit[1, 1] - refit[0, 1] * refit[1, 0]
         ok = ok & scale_ok(jnp.sqrt(jnp.abs(det))) & jnp.all(jnp.isfinite(refit))
         refit_mask = _inlier_mask(refit, points_a, points_b, valid, threshold)

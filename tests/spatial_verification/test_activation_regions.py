@@ -151,11 +151,13 @@ def test_activation_local_features_raises():
     good = np.zeros((8, 8, 2), np.float32)
     with pytest.raises(ValueError, match="activation_maps is empty"):
         ar.activation_local_features([])
-    with pytest.raises(ValueError, match=r"must be \(H, W, C\), found shape \(8, 8\)"):
+    with pytest.raises(
+        ValueError, match=r"activation_maps\[0\] must have shape \(H, W, C\), found shape \(8, 8\)"
+    ):
         ar.activation_local_features([(good[..., 0], 1.0)])
     with pytest.raises(ValueError, match="stride must be positive, got 0"):
         ar.activation_local_features([(good, 0)])
-    with pytest.raises(TypeError, match="activation maps must be floating"):
+    with pytest.raises(TypeError, match=r"activation_maps\[0\] must be floating, got dtype"):
         ar.activation_local_features([(good.astype(np.uint8), 1.0)])
     with pytest.raises(ValueError, match="max_features must be >= 1"):
         ar.activation_local_features([(good, 1.0)], max_features=0)

@@ -71,7 +71,7 @@ def test_tentative_correspondences_raises(without_annotation_checks):
     bad = good._replace(strengths=np.ones(3, np.float32))
     with pytest.raises(ValueError, match=r"features_b.strengths must have shape \(2,\)"):
         correspondences.tentative_correspondences(good, bad, max_correspondences=2)
-    with pytest.raises(TypeError, match="features_a.channels must be integer"):
+    with pytest.raises(TypeError, match="features_a.channels must be integer, got dtype float32"):
         correspondences.tentative_correspondences(
             good._replace(channels=np.zeros(2, np.float32)), good, max_correspondences=2
         )

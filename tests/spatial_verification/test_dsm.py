@@ -181,7 +181,10 @@ def test_dsm_diffusion_seeds_known_values():
 def test_dsm_raises(without_annotation_checks):
     rng = np.random.default_rng(6)
     a, b, _ = synthetic_pair(rng, num_features=4, num_inliers=2, num_channels=2)
-    with pytest.raises(ValueError, match="shortlist_features.means must have 1 leading batch axes"):
+    with pytest.raises(
+        ValueError,
+        match=r"shortlist_features.means must have shape \(L, M, 2\), found shape \(4, 2\)",
+    ):
         dsm.verify_shortlist(a, b)
     queries = stack_local_features([a])
     database = stack_local_features([a, b])
@@ -193,7 +196,7 @@ def test_dsm_raises(without_annotation_checks):
         dsm.rerank_shortlist(
             np.zeros((2, 2), np.int32), np.zeros((2, 2), np.float32), queries, database
         )
-    with pytest.raises(TypeError, match="global_ranks must be integer"):
+    with pytest.raises(TypeError, match="global_ranks must be integer, got dtype float32"):
         dsm.rerank_shortlist(
             np.zeros((1, 2), np.float32), np.zeros((1, 2), np.float32), queries, database
         )

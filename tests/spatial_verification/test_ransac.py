@@ -172,7 +172,9 @@ def test_ransac_affine_raises(without_annotation_checks):
         ransac.ransac_affine(*arrays, np.ones(4, bool), error_threshold=1.0)
     with pytest.raises(TypeError, match="valid must be boolean"):
         ransac.ransac_affine(*arrays, np.ones(3, np.int32), error_threshold=1.0)
-    with pytest.raises(ValueError, match=r"covariances_a must have shape \(P, 2, 2\)"):
+    with pytest.raises(
+        ValueError, match=r"covariances_a must have shape \(P, 2, 2\), found shape \(3, 2\)"
+    ):
         ransac.ransac_affine(
             arrays[0],
             np.zeros((3, 2), np.float32),
@@ -189,7 +191,7 @@ def test_ransac_affine_raises(without_annotation_checks):
             np.ones(3, bool),
             error_threshold=1.0,
         )
-    with pytest.raises(TypeError, match="means_a must be floating"):
+    with pytest.raises(TypeError, match="means_a must be floating, got dtype int32"):
         ransac.ransac_affine(
             jnp.zeros((3, 2), jnp.int32), *arrays[1:], np.ones(3, bool), error_threshold=1.0
         )
