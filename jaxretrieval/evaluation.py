@@ -51,13 +51,20 @@ _INT32_MAX = np.iinfo(np.int32).max
 _SMALL_TABLE_SIZE = 1 << 22
 
 
-def _check_ranks(ranks: Any, num_database: int | None) -> tuple[np.ndarray, int]:
-    """Validates the ranking array and returns it as a NumPy array with the database size."""
+def _check_ranks(
+    ranks: Any, gnd: Sequence[Any], num_database: int | None
+) -> tuple[np.ndarray, int]:
+    """Validates the ranking array (one row per gnd entry); returns it and the database size."""
     # dtype=None: a large ranking keeps its integer dtype (no int64 copy).
     ranks = validation.index_array("ranks", ranks, axes="Q K", dtype=None)
     num_queries, length = ranks.shape
     if num_queries == 0 or length == 0:
         raise ValueError(f"ranks is empty (shape {ranks.shape}); need Q >= 1 and K >= 1.")
+    if len(gnd) != num_queries:
+        raise ValueError(
+            f"gnd has {len(gnd)} entries but ranks has {num_queries} rows (queries); "
+            f"ranks must be (Q, K) with one row per query (revisitop's (N, Q) needs .T)."
+        )
     if num_database is None:
         num_database = length
     elif int(num_database) != num_database or num_database < length:
@@ -341,14 +348,9 @@ def compute_map(
       >>> round(mean_ap, 6), np.round(aps, 6).tolist(), np.round(mpk, 6).tolist()
       (0.258333, [0.333333, 0.183333], [0.0, 0.25, 0.35])
     """
-    ranks, num_database = _check_ranks(ranks, num_database)
+    ranks, num_database = _check_ranks(ranks, gnd, num_database)
     kappas_array = _check_kappas(kappas)
     num_queries, length = ranks.shape
-    if len(gnd) != num_queries:
-        raise ValueError(
-            f"gnd has {len(gnd)} entries but ranks has {num_queries} rows (queries); "
-            f"ranks must be (Q, K) with one row per query (revisitop's (N, Q) needs .T)."
-        )
     ok = _index_lists(gnd, "ok", num_database)
     gnd_with_junk = [entry if "junk" in entry else {**entry, "junk": []} for entry in gnd]
     junk = _index_lists(gnd_with_junk, "junk", num_database)
@@ -423,14 +425,9 @@ def revisited_evaluation(
       Query 0's positive is second once junk image 2 is removed: the trapezoid from
       precision 0 (recall 0) to 1/2 (recall 1) has area 1/4.
     """
-    ranks, num_database = _check_ranks(ranks, num_database)
+    ranks, num_database = _check_ranks(ranks, gnd, num_database)
     kappas_array = _check_kappas(kappas)
     num_queries, length = ranks.shape
-    if len(gnd) != num_queries:
-        raise ValueError(
-            f"gnd has {len(gnd)} entries but ranks has {num_queries} rows (queries); "
-            f"ranks must be (Q, K) with one row per query (revisitop's (N, Q) needs .T)."
-        )
     lists = {name: _index_lists(gnd, name, num_database) for name in ("easy", "hard", "junk")}
     _check_unique(lists, num_database, allow_repeats="junk")
 

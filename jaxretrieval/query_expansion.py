@@ -23,8 +23,10 @@ from jaxretrieval.array_types import AnyArray, Array, Float, Scalar
 from jaxretrieval.normalization import l2_normalize
 
 
-def _check_pair(fn: str, queries: Array, database: Array, k: int) -> None:
-    """Validates the static shapes shared by the query-side expansions."""
+def _query_pair(fn: str, queries: AnyArray, database: AnyArray, k: int) -> tuple[Array, Array]:
+    """The query-side expansions' inputs, checked and cast to one float dtype."""
+    queries = validation.as_float_array("queries", queries, axes="Q D")
+    database = validation.as_float_array("database", database, axes="N D")
     if database.shape[0] == 0:
         raise ValueError(f"{fn}: the database is empty, found shape {database.shape}.")
     validation.check_same_dim("queries", queries, "database", database)
@@ -32,6 +34,7 @@ def _check_pair(fn: str, queries: Array, database: Array, k: int) -> None:
         raise ValueError(
             f"{fn}: k must be in [0, N] for a database of shape {database.shape}, found k={k}."
         )
+    return validation.common_float(queries, database)
 
 
 def _neighbor_weights(similarities: Array, alpha: Array) -> Array:
@@ -91,10 +94,7 @@ def average_query_expansion(
       >>> np.asarray(out, np.float64).round(4).tolist()
       [[0.3162, 0.9487]]
     """
-    queries = validation.as_float_array("queries", queries, axes="Q D")
-    database = validation.as_float_array("database", database, axes="N D")
-    _check_pair("average_query_expansion", queries, database, k)
-    queries, database = validation.common_float(queries, database)
+    queries, database = _query_pair("average_query_expansion", queries, database, k)
     similarities = jnp.einsum("qd,nd->qn", queries, database)  # (Q, N)
     return _expand(queries, database, similarities, None, k)
 
@@ -128,10 +128,7 @@ def alpha_query_expansion(
       Radenović, Tolias, Chum. Fine-tuning CNN image retrieval with no human annotation.
       TPAMI 2018.
     """
-    queries = validation.as_float_array("queries", queries, axes="Q D")
-    database = validation.as_float_array("database", database, axes="N D")
-    _check_pair("alpha_query_expansion", queries, database, k)
-    queries, database = validation.common_float(queries, database)
+    queries, database = _query_pair("alpha_query_expansion", queries, database, k)
     alpha = jnp.asarray(alpha, dtype=queries.dtype)
     similarities = jnp.einsum("qd,nd->qn", queries, database)  # (Q, N)
     return _expand(queries, database, similarities, alpha, k)
