@@ -40,3 +40,12 @@ def round_up_to_devices(batch_size: int, mesh: Mesh) -> int:
     """The smallest multiple of the mesh size that is at least ``batch_size``."""
     count = mesh.devices.size
     return -(-batch_size // count) * count
+
+
+def replicate(tree, mesh: Mesh):
+    """``tree`` placed whole on every device of ``mesh`` (a jitted step's state).
+
+    Placing the first state the way the step returns it keeps the step from compiling a
+    second time for the second call.
+    """
+    return jax.device_put(tree, replicated(mesh))
