@@ -48,8 +48,9 @@ class Checkpointer:
         return self.manager.save(step, args=self._ocp.args.StandardSave(state), force=force)
 
     def restore(self, like: Any, step: int | None = None) -> Any:
-        """The state saved at ``step`` (default: latest), with the shapes and shardings of
-        ``like`` (a state or its ``jax.ShapeDtypeStruct`` tree).
+        """The state saved at ``step`` (default: latest), shaped and sharded like ``like``.
+
+        ``like`` is a state or its ``jax.ShapeDtypeStruct`` tree.
 
         Raises:
           FileNotFoundError: No completed checkpoint in the directory.

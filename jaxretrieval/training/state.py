@@ -74,9 +74,10 @@ def freeze_before(
 
 
 def backbone_layer_names(backbone_module, image_size: int = 64) -> list[str]:
-    """Top-level parameter names of a backbone module, in the order the forward pass
-    calls them (parameter dicts are sorted by name, so the order is recorded with a
-    method interceptor while tracing ``init``).
+    """Top-level parameter names of a backbone module, in forward-pass order.
+
+    Parameter dicts are sorted by name, so the order is recorded with a method
+    interceptor while tracing ``init``.
     """
     import flax.linen as nn
     import jax.numpy as jnp
@@ -102,9 +103,7 @@ def backbone_layer_names(backbone_module, image_size: int = 64) -> list[str]:
 def split_variables(
     variables: dict[str, Any], trainable: Callable[[Path], bool]
 ) -> tuple[dict, dict]:
-    """``(trainable params, everything else)``: two nested dicts, merged back by
-    :func:`merge_variables`.
-    """
+    """``(trainable params, everything else)``; :func:`merge_variables` is the inverse."""
     flat = traverse_util.flatten_dict(variables)
     chosen = {
         path[1:]: leaf for path, leaf in flat.items() if path[0] == "params" and trainable(path[1:])
