@@ -1,19 +1,21 @@
 """Flax Linen wrappers for the parts of a retrieval head that have parameters.
 
 Thin by design: each module owns its parameters and calls the functional twin in
-:mod:`jaxretrieval.pooling` or :mod:`jaxretrieval.whitening` for all the maths, and each
-is tested equal to that twin.
+:mod:`jaxretrieval.pooling`, :mod:`jaxretrieval.whitening` or :mod:`jaxretrieval.losses`
+for all the maths, and each is tested equal to that twin.
 
 Naming: the learnable projection layer is :class:`WhiteningLayer`, so that it does not
 clash with the :class:`jaxretrieval.whitening.Whitening` NamedTuple it can be initialised
 from.
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax.numpy as jnp
 
-from jaxretrieval import pooling
-from jaxretrieval.array_types import AnyArray, Array, Bool, Float
+from jaxretrieval import losses, pooling
+from jaxretrieval.array_types import AnyArray, Array, Bool, Float, Int
 from jaxretrieval.normalization import l2_normalize
 from jaxretrieval.whitening import Whitening
 
@@ -97,3 +99,44 @@ class WhiteningLayer(nn.Module):
             bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
         y = x @ kernel + bias[None, :]  # (N, D_out)
         return l2_normalize(y) if self.normalize else y
+
+
+class CosineMarginHead(nn.Module):
+    """ArcFace-style classification head: learned class centres and cosine-margin logits.
+
+    Holds a ``(K, D)`` parameter ``"class_centers"`` and calls
+    :func:`jaxretrieval.losses.cosine_margin_logits`: the true class's logit gets the
+    additive angular margin when ``labels`` are given (training); without labels
+    (inference) the logits are the plain scaled cosines. Train with
+    :func:`jaxretrieval.losses.classification_loss` on the logits (GLDv2-style class-label
+    training of a global descriptor). The centres are normalised inside the function, so
+    their initial scale does not matter.
+
+    Attributes:
+      num_classes: ``K``.
+      scale: Inverse softmax temperature ``s``.
+      margin: Additive angular margin ``m`` in radians.
+      param_dtype: Dtype of the class centres.
+    """
+
+    num_classes: int
+    scale: float = 30.0
+    margin: float = 0.15
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        embeddings: Float[AnyArray, "B D"],
+        labels: Int[AnyArray, " B"] | None = None,
+    ) -> Float[Array, "B K"]:
+        """Logits of L2-normalised ``embeddings`` against the ``K`` class centres."""
+        class_centers = self.param(
+            "class_centers",
+            nn.initializers.normal(stddev=1.0),
+            (self.num_classes, jnp.shape(embeddings)[-1]),
+            self.param_dtype,
+        )
+        return losses.cosine_margin_logits(
+            embeddings, class_centers, labels, scale=self.scale, margin=self.margin
+        )
