@@ -4,6 +4,20 @@ Used by ``python -m experiments.evaluate --rerank METHOD`` and the re-ranking be
 Every function takes query and database descriptors (L2-normalised rows) and returns a
 full ``(Q, N)`` ranking, best first; DSM also takes each image's local features.
 
+Two protocols:
+  * :func:`rerank_split`: the queries are not in the database (the dataset's own queries).
+  * :func:`rerank_leave_one_out`: every image queries all the others, so each query is
+    itself a database image. The query is a database image like any other for what is
+    built offline over the whole database -- DBA's augmented rows and the diffusion graph
+    include it, as they would when a user queries with an indexed image -- and is kept out
+    of everything built for that query: its own row is never one of its QE neighbours, a
+    diffusion seed or on its DSM shortlist, and is ranked last (``exclude`` in the
+    functions below). So ``none``, ``aqe``, ``alpha-qe`` and ``dsm`` rank the others
+    exactly as :func:`rerank_split` ranks a query against the database without its row;
+    ``dba+alpha-qe``, ``diffusion`` and ``dsm+diffusion`` differ from that by the query's
+    row in DBA and the graph (slightly optimistic for a new query: its true matches may
+    have been augmented with, or linked through, the query itself).
+
 Every parameter is in :class:`RerankSettings`, which evaluation records in its JSON.
 Defaults are for small sets like ../shared/data (tens of images, 1-12 per scene): QE
 k = 2, alpha = 3; diffusion on a k = 5 mutual graph seeded by the query's nearest image
@@ -13,12 +27,14 @@ seeds and alpha 0.99 fail there). For ROxford-sized sets use the paper's values.
 
 import dataclasses
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
 from jaxretrieval import diffusion, query_expansion, similarity
+from jaxretrieval.data import images as image_io
+from jaxretrieval.extraction import Box
 from jaxretrieval.spatial_verification import (
     DSMFeatureExtractor,
     LocalFeatures,
@@ -70,20 +86,93 @@ def ranks_of(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
 
+def _check_exclude(exclude: np.ndarray | None, num_queries: int, num_database: int):
+    """``exclude`` as a (Q,) int array of valid database indices, or None."""
+    if exclude is None:
+        return None
+    exclude = np.asarray(exclude)
+    if exclude.shape != (num_queries,) or not np.issubdtype(exclude.dtype, np.integer):
+        raise ValueError(
+            f"exclude must hold one database index per query, shape ({num_queries},), "
+            f"found {exclude.dtype} {exclude.shape}."
+        )
+    if num_database < 2:
+        raise ValueError(f"exclude needs a database of at least 2 images, found {num_database}.")
+    if exclude.size and (exclude.min() < 0 or exclude.max() >= num_database):
+        raise ValueError(f"exclude must index the {num_database} database rows, found {exclude}.")
+    return exclude
+
+
+def _without_excluded(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
+    """(Q, N) float32 scores with each query's excluded row at -inf (ranked last)."""
+    scores = np.array(scores, np.float32)
+    if exclude is not None:
+        scores[np.arange(len(scores)), exclude] = -np.inf
+    return scores
+
+
+@functools.cache
+def _jitted_expansion(average: bool, k: int):
+    """AQE (``average``) or alpha-QE as ``(queries, database, alpha) -> expanded``."""
+    if average:
+        return jax.jit(
+            lambda queries, database, alpha: query_expansion.average_query_expansion(
+                queries, database, k=k
+            )
+        )
+    return jax.jit(
+        lambda queries, database, alpha: query_expansion.alpha_query_expansion(
+            queries, database, k=k, alpha=alpha
+        )
+    )
+
+
 def query_expansion_ranks(
-    method: str, queries: np.ndarray, database: np.ndarray, *, k: int = 2, alpha: float = 3.0
+    method: str,
+    queries: np.ndarray,
+    database: np.ndarray,
+    *,
+    k: int = 2,
+    alpha: float = 3.0,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Ranks after AQE, alpha-QE or DBA + alpha-QE."""
-    if method == "aqe":
-        expanded = query_expansion.average_query_expansion(queries, database, k=k)
-    elif method == "alpha-qe":
-        expanded = query_expansion.alpha_query_expansion(queries, database, k=k, alpha=alpha)
-    elif method == "dba+alpha-qe":
-        database = query_expansion.database_side_augmentation(database, k=k, alpha=alpha)
-        expanded = query_expansion.alpha_query_expansion(queries, database, k=k, alpha=alpha)
-    else:
+    """Ranks after AQE, alpha-QE or DBA + alpha-QE.
+
+    Args:
+      method: ``"aqe"``, ``"alpha-qe"`` or ``"dba+alpha-qe"``.
+      queries: (Q, D) query descriptors.
+      database: (N, D) database descriptors.
+      k: Neighbours averaged by QE (and DBA).
+      alpha: Exponent of the alpha-QE / alpha-DBA weights.
+      exclude: (Q,) database index of each query's own row (leave-one-out), or None. That
+        row is never one of the query's QE neighbours and is ranked last; DBA still runs
+        over the whole database (see the module docstring). Each query is then expanded
+        on its own, against the database without its row.
+
+    Returns:
+      (Q, N) database indices, best first.
+    """
+    if method not in ("aqe", "alpha-qe", "dba+alpha-qe"):
         raise ValueError(f"not a query-expansion method: {method!r}")
-    return ranks_of(np.asarray(similarity.cosine_similarities(expanded, database)))
+    exclude = _check_exclude(exclude, len(queries), len(database))
+    if method == "dba+alpha-qe":
+        database = np.asarray(
+            query_expansion.database_side_augmentation(database, k=k, alpha=alpha)
+        )
+    expand = _jitted_expansion(method == "aqe", k)
+    if exclude is None:
+        expanded = np.asarray(expand(queries, database, alpha))
+    else:
+        expanded = np.concatenate(
+            [
+                np.asarray(
+                    expand(queries[q : q + 1], np.delete(database, exclude[q], axis=0), alpha)
+                )
+                for q in range(len(queries))
+            ]
+        )  # (Q, D)
+    scores = np.asarray(similarity.cosine_similarities(expanded, database))
+    return ranks_of(_without_excluded(scores, exclude))
 
 
 def diffusion_ranks(
@@ -95,23 +184,44 @@ def diffusion_ranks(
     alpha: float = 0.9,
     gamma: float = 3.0,
     seeds: np.ndarray | None = None,
+    exclude: np.ndarray | None = None,
 ) -> np.ndarray:
     """Ranks by diffusion on the database's mutual kNN graph (Iscen et al. CVPR17).
 
     Seeds are the query's ``num_seeds`` nearest database images (weights s^gamma), or a
     caller-given (Q, N) seed matrix (DSM's verified images). Items the diffusion does not
     reach keep their cosine order behind the reached ones.
+
+    Args:
+      queries: (Q, D) query descriptors.
+      database: (N, D) database descriptors; the graph is built over all of them.
+      graph_k: Neighbours of the graph (capped at N - 1).
+      num_seeds: Seeds per query when ``seeds`` is None (capped at the candidates).
+      alpha: Diffusion's alpha.
+      gamma: Affinity exponent of the graph and the seed weights.
+      seeds: Optional (Q, N) seed weights (must be zero at excluded rows).
+      exclude: (Q,) database index of each query's own row (leave-one-out), or None: it
+        is never a seed and is ranked last, but stays a node of the graph.
+
+    Returns:
+      (Q, N) database indices, best first.
     """
-    scores = np.asarray(similarity.cosine_similarities(queries, database))
+    exclude = _check_exclude(exclude, len(queries), len(database))
+    scores = _without_excluded(similarity.cosine_similarities(queries, database), exclude)
     graph = diffusion.normalize_affinity(
         diffusion.knn_affinity(database, num_neighbors=min(graph_k, len(database) - 1), gamma=gamma)
     )
-    if seeds is None:
+    if seeds is None and exclude is None:
         seeds = diffusion.query_seeds(
             queries, database, num_seeds=min(num_seeds, len(database)), gamma=gamma
         )
+    elif seeds is None:
+        nearest = ranks_of(scores)[:, : min(num_seeds, len(database) - 1)]  # (Q, K)
+        seeds = diffusion.seeds_from_neighbors(
+            np.take_along_axis(scores, nearest, axis=1), nearest, gamma=gamma
+        )
     diffused = np.asarray(diffusion.diffusion_scores(graph, seeds, alpha=alpha))
-    return ranks_of(diffused + 1e-6 * scores)
+    return ranks_of(diffused + 1e-6 * scores)  # the excluded row: -inf, last
 
 
 @functools.cache
@@ -161,14 +271,12 @@ def dsm_rerank(
       The :class:`Reranking` and the (Q, N) inlier count of every verified pair (database
       order; -1 where not verified).
     """
-    scores = np.array(scores, np.float32)
-    num_queries, num_database = scores.shape
-    if exclude is not None:
-        scores[np.arange(num_queries), exclude] = -np.inf
+    num_queries, num_database = np.shape(scores)
+    exclude = _check_exclude(exclude, num_queries, num_database)
+    scores = _without_excluded(scores, exclude)
     global_ranks = ranks_of(scores).astype(np.int32)
-    if shortlist_size is None:
-        shortlist_size = num_database - (exclude is not None)
-    shortlist_size = min(shortlist_size, num_database - (exclude is not None))
+    candidates = num_database - (exclude is not None)
+    shortlist_size = candidates if shortlist_size is None else min(shortlist_size, candidates)
     rerank = _jitted_rerank(shortlist_size, count_distinct, max_correspondences, min_inliers)
     finite_scores = np.where(np.isfinite(scores), scores, -2.0)
     ranks, inliers_sorted = [], []
@@ -191,56 +299,81 @@ def dsm_rerank(
 
 
 def local_features(
-    paths: Sequence[str], extractor: DSMFeatureExtractor, *, max_side: int = 512
+    paths: Sequence[str],
+    extractor: DSMFeatureExtractor,
+    *,
+    max_side: int = 512,
+    boxes: Sequence[Box | None] | None = None,
 ) -> LocalFeatures:
-    """Stacked DSM local features of image files (host MSER per image)."""
-    return stack_local_features(
-        [extractor(extractor.load(path, max_side=max_side)) for path in paths]
-    )
+    """Stacked DSM local features of image files (host MSER per image).
+
+    Args:
+      paths: Image files.
+      extractor: The DSM feature extractor.
+      max_side: Longer side (pixels) the images are shrunk to (never enlarged).
+      boxes: Optional crop (x1, y1, x2, y2) per image, applied before resizing, as for
+        the global descriptors of cropped queries (revisitop); None entries are whole
+        images.
+    """
+    if boxes is not None and len(boxes) != len(paths):
+        raise ValueError(f"got {len(boxes)} boxes for {len(paths)} images.")
+    images = []
+    for path, box in zip(paths, boxes or [None] * len(paths), strict=True):
+        if box is None:
+            images.append(extractor.load(path, max_side=max_side))
+        else:
+            (image,) = image_io.load_scaled(path, max_side=max_side, box=box, upscale=False)
+            extractor.check_size(image, name=f"{path} cropped to {tuple(box)}")
+            images.append(image)
+    return stack_local_features([extractor(image) for image in images])
 
 
-def rerank_split(
+def _check_method(method: str, *, has_paths: bool, dsm_extractor) -> None:
+    """Unknown methods, and DSM without its images or extractor, fail before any work."""
+    if method not in METHODS:
+        raise ValueError(f"unknown re-ranking {method!r}; choose from {', '.join(METHODS)}.")
+    if method not in ("dsm", "dsm+diffusion"):
+        return
+    if not has_paths:
+        raise ValueError("DSM re-ranking needs the query and database image paths.")
+    if dsm_extractor is None:
+        raise ValueError("DSM re-ranking needs a DSMFeatureExtractor (dsm_extractor).")
+
+
+def _rerank(
     method: str,
     queries: np.ndarray,
     database: np.ndarray,
     *,
-    settings: RerankSettings = RerankSettings(),
-    query_paths: Sequence[str] = (),
-    database_paths: Sequence[str] = (),
-    dsm_extractor: DSMFeatureExtractor | None = None,
+    settings: RerankSettings,
+    exclude: np.ndarray | None,
+    features: Callable[[], tuple[LocalFeatures, LocalFeatures]],
+    feature_stride: int | None,
 ) -> np.ndarray:
-    """(Q, N) ranks of one re-ranking method for queries that are not in the database.
-
-    ``dsm`` and ``dsm+diffusion`` need the image paths and ``dsm_extractor`` (the model
-    whose global descriptors are re-ranked, so that a fine-tuned network is verified with
-    its own activations).
-    """
-    if method not in METHODS:
-        raise ValueError(f"unknown re-ranking {method!r}; choose from {', '.join(METHODS)}.")
-    scores = np.asarray(similarity.cosine_similarities(queries, database))
+    """One method for one protocol; ``features()`` gives (query, database) DSM features."""
     if method == "none":
-        return ranks_of(scores)
+        scores = similarity.cosine_similarities(queries, database)
+        return ranks_of(_without_excluded(scores, exclude))
     if method in ("aqe", "alpha-qe", "dba+alpha-qe"):
         return query_expansion_ranks(
-            method, queries, database, k=settings.qe_k, alpha=settings.qe_alpha
+            method, queries, database, k=settings.qe_k, alpha=settings.qe_alpha, exclude=exclude
         )
     diffusion_kwargs = dict(
         graph_k=settings.graph_k,
         num_seeds=settings.num_seeds,
         alpha=settings.diffusion_alpha,
         gamma=settings.gamma,
+        exclude=exclude,
     )
     if method == "diffusion":
         return diffusion_ranks(queries, database, **diffusion_kwargs)
-    if len(query_paths) != len(queries) or len(database_paths) != len(database):
-        raise ValueError("DSM re-ranking needs the query and database image paths.")
-    if dsm_extractor is None:
-        raise ValueError("DSM re-ranking needs a DSMFeatureExtractor (dsm_extractor).")
+    query_features, database_features = features()
     reranking, _ = dsm_rerank(
-        scores,
-        local_features(query_paths, dsm_extractor, max_side=settings.dsm_max_side),
-        local_features(database_paths, dsm_extractor, max_side=settings.dsm_max_side),
-        error_threshold=settings.dsm_threshold_cells * dsm_extractor.feature_stride,
+        np.asarray(similarity.cosine_similarities(queries, database)),
+        query_features,
+        database_features,
+        exclude=exclude,
+        error_threshold=settings.dsm_threshold_cells * feature_stride,
         count_distinct=settings.dsm_count_distinct,
         max_correspondences=settings.dsm_max_correspondences,
         shortlist_size=settings.dsm_shortlist,
@@ -255,3 +388,85 @@ def rerank_split(
         min_inliers=settings.dsm_min_inliers,
     )
     return diffusion_ranks(queries, database, seeds=np.asarray(seeds), **diffusion_kwargs)
+
+
+def rerank_split(
+    method: str,
+    queries: np.ndarray,
+    database: np.ndarray,
+    *,
+    settings: RerankSettings = RerankSettings(),
+    query_paths: Sequence[str] = (),
+    database_paths: Sequence[str] = (),
+    query_boxes: Sequence[Box | None] | None = None,
+    dsm_extractor: DSMFeatureExtractor | None = None,
+) -> np.ndarray:
+    """(Q, N) ranks of one re-ranking method for queries that are not in the database.
+
+    ``dsm`` and ``dsm+diffusion`` need the image paths and ``dsm_extractor`` (the model
+    whose global descriptors are re-ranked, so that a fine-tuned network is verified with
+    its own activations). ``query_boxes`` crops the queries' DSM features as their global
+    descriptors are cropped (revisitop queries); None uses the whole images.
+    """
+    has_paths = (len(query_paths), len(database_paths)) == (len(queries), len(database))
+    _check_method(method, has_paths=has_paths, dsm_extractor=dsm_extractor)
+
+    def features():
+        def extract(paths, boxes=None):
+            return local_features(paths, dsm_extractor, max_side=settings.dsm_max_side, boxes=boxes)
+
+        return extract(query_paths, query_boxes), extract(database_paths)
+
+    return _rerank(
+        method,
+        queries,
+        database,
+        settings=settings,
+        exclude=None,
+        features=features,
+        feature_stride=getattr(dsm_extractor, "feature_stride", None),
+    )
+
+
+def rerank_leave_one_out(
+    method: str,
+    descriptors: np.ndarray,
+    *,
+    settings: RerankSettings = RerankSettings(),
+    paths: Sequence[str] = (),
+    dsm_extractor: DSMFeatureExtractor | None = None,
+) -> np.ndarray:
+    """(N, N) ranks of one re-ranking method when every image queries all the others.
+
+    Row i ranks all N images for image i, its own index last (score it with i as junk,
+    as :func:`jaxretrieval.data.datasets.leave_one_out` does). The query is a database
+    image: DBA and the diffusion graph are built over all N images, and the query's own
+    row is excluded from its QE neighbours, its diffusion seeds and its DSM shortlist
+    (the module docstring says what that means for each method). DSM features are
+    extracted once per image and serve as both query and database features.
+
+    Args:
+      method: One of :data:`METHODS`.
+      descriptors: (N, D) L2-normalised descriptors of every image.
+      settings: Every parameter of the methods.
+      paths: The N image files (``dsm`` and ``dsm+diffusion`` only).
+      dsm_extractor: Local features for ``dsm`` and ``dsm+diffusion``.
+
+    Returns:
+      (N, N) indices into ``descriptors``, best first.
+    """
+    _check_method(method, has_paths=len(paths) == len(descriptors), dsm_extractor=dsm_extractor)
+
+    def features():
+        stacked = local_features(paths, dsm_extractor, max_side=settings.dsm_max_side)
+        return stacked, stacked
+
+    return _rerank(
+        method,
+        descriptors,
+        descriptors,
+        settings=settings,
+        exclude=np.arange(len(descriptors)),
+        features=features,
+        feature_stride=getattr(dsm_extractor, "feature_stride", None),
+    )

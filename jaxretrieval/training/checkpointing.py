@@ -44,7 +44,15 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state: Any, *, force: bool = False) -> bool:
-        """Saves ``state`` at ``step`` if the interval says so (or ``force``); async."""
+        """Saves ``state`` at ``step`` if the interval says so (or ``force``); async.
+
+        A step that is already saved is not saved again (e.g. the final forced save right
+        after an interval save).
+        """
+        if force:
+            self.manager.wait_until_finished()
+        if step in self.manager.all_steps():
+            return False
         return self.manager.save(step, args=self._ocp.args.StandardSave(state), force=force)
 
     def restore(self, like: Any, step: int | None = None) -> Any:

@@ -19,24 +19,26 @@ import jax.numpy as jnp
 import optax
 
 from jaxretrieval import losses, sharding
+from jaxretrieval.array_types import AnyArray, Bool, Float, Int
 from jaxretrieval.training.state import TrainState, merge_variables
 
 LOSSES = ("contrastive", "triplet", "ap", "nra")
 
 
 def batch_scores(
-    descriptors: jax.Array, scenes: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
+    descriptors: Float[AnyArray, "B T D"], scenes: Int[AnyArray, "B T"]
+) -> tuple[Float[jax.Array, "B N"], Bool[jax.Array, "B N"], Bool[jax.Array, "B N"]]:
     """Each tuple's query against every image of the batch, for the listwise losses.
 
     Args:
-      descriptors: (B, T, D) tuple descriptors.
-      scenes: (B, T) scene ids.
+      descriptors: Tuple descriptors, L2-normalised rows.
+      scenes: Scene id of each image.
 
     Returns:
-      ``(scores (B, B*T), labels (B, B*T), valid (B, B*T))``: labels mark images of the
-      query's scene; the query itself is not valid.
+      ``(scores, labels, valid)`` over the ``N = B * T`` images of the batch: labels mark
+      images of the query's scene; the query itself is not valid.
     """
+    descriptors, scenes = jnp.asarray(descriptors), jnp.asarray(scenes)
     batch, size, dim = descriptors.shape
     items = descriptors.reshape(batch * size, dim)  # (B*T, D)
     scores = jnp.einsum("bd,nd->bn", descriptors[:, 0], items)  # (B, B*T)

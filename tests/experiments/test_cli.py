@@ -8,11 +8,18 @@ import cv2
 import numpy as np
 import pytest
 
-from experiments import cli, demo, evaluate, extract, match, search
+from experiments import cli, demo, evaluate, extract, match, search, train
 from jaxretrieval import model_io, retrieval_model
 from jaxretrieval.retrieval_model import ModelConfig
 
-CLIS = {"demo": demo, "evaluate": evaluate, "extract": extract, "search": search, "match": match}
+CLIS = {
+    "demo": demo,
+    "evaluate": evaluate,
+    "extract": extract,
+    "search": search,
+    "match": match,
+    "train": train,
+}
 
 
 def test_demo_reaches_the_published_leave_one_out_map(shared_data, tmp_path, capsys):

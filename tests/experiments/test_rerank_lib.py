@@ -1,9 +1,11 @@
+import cv2
 import numpy as np
 import pytest
 
 from experiments import rerank_lib
-from jaxretrieval import query_expansion, search
-from jaxretrieval.spatial_verification import DSMFeatureExtractor
+from jaxretrieval import diffusion, query_expansion, search
+from jaxretrieval.data import images as image_io
+from jaxretrieval.spatial_verification import DSMFeatureExtractor, LocalFeatures
 
 
 def _clustered(rng, num, dim=16, clusters=4):
@@ -91,3 +93,140 @@ def test_errors():
         rerank_lib.rerank_split("dsm", x, x)
     with pytest.raises(ValueError, match="needs a DSMFeatureExtractor"):
         rerank_lib.rerank_split("dsm", x[:1], x[:2], query_paths=["a"], database_paths=["b", "c"])
+
+
+# ------------------------------------------------------------------ leave-one-out (exclude)
+
+
+def _split_without_row(method, x, i, **kwargs):
+    """Row i's ranking by rerank_split against the database without row i, i appended."""
+    others = np.delete(np.arange(len(x)), i)
+    ranks = rerank_lib.rerank_split(method, x[i : i + 1], x[others], **kwargs)
+    return np.r_[others[ranks[0]], i]
+
+
+@pytest.mark.parametrize("method", ["none", "aqe", "alpha-qe"])
+def test_leave_one_out_equals_split_without_the_query_row(method):
+    """For QE the definition: each query is expanded against the others only."""
+    x, _ = _clustered(np.random.default_rng(2), 12)
+    ranks = rerank_lib.rerank_leave_one_out(method, x)
+    for i in range(len(x)):
+        np.testing.assert_array_equal(ranks[i], _split_without_row(method, x, i))
+
+
+def test_leave_one_out_aqe_known_values():
+    """Unit vectors at 0, 25, -30 and 50 degrees; AQE with k = 1.
+
+    Image 0's nearest other image is 1 (25 deg), so its expanded query points at 12.5 deg:
+    50 deg (37.5 away) now beats -30 deg (42.5 away). Were image 0 its own neighbour, the
+    query would stay at 0 deg and keep the cosine order 1, 2, 3.
+    """
+    angles = np.deg2rad([0.0, 25.0, -30.0, 50.0])
+    x = np.stack([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+    settings = rerank_lib.RerankSettings(qe_k=1)
+    np.testing.assert_array_equal(
+        rerank_lib.rerank_leave_one_out("none", x, settings=settings)[0], [1, 2, 3, 0]
+    )
+    np.testing.assert_array_equal(
+        rerank_lib.rerank_leave_one_out("aqe", x, settings=settings)[0], [1, 3, 2, 0]
+    )
+
+
+def test_leave_one_out_dba_augments_every_row_but_expands_against_the_others():
+    x, _ = _clustered(np.random.default_rng(3), 10)
+    augmented = np.asarray(query_expansion.database_side_augmentation(x, k=2, alpha=3.0))
+    ranks = rerank_lib.rerank_leave_one_out("dba+alpha-qe", x)
+    for i in range(len(x)):
+        others = np.delete(augmented, i, axis=0)
+        expanded = query_expansion.alpha_query_expansion(x[i : i + 1], others, k=2, alpha=3.0)
+        scores = np.asarray(expanded) @ augmented.T  # (1, N)
+        scores[0, i] = -np.inf
+        np.testing.assert_array_equal(ranks[i], np.argsort(-scores[0], kind="stable"))
+
+
+@pytest.mark.parametrize("num_seeds", [1, 3])
+def test_leave_one_out_diffusion_never_seeds_the_query(monkeypatch, num_seeds):
+    """The seeds are the query's nearest *other* images; the graph keeps every image."""
+    x, _ = _clustered(np.random.default_rng(4), 12)
+    seen = []
+    diffusion_scores = diffusion.diffusion_scores
+
+    def spy(graph, seeds, **kwargs):
+        seen.append((np.asarray(graph.neighbors).shape[0], seeds))
+        return diffusion_scores(graph, seeds, **kwargs)
+
+    monkeypatch.setattr(diffusion, "diffusion_scores", spy)
+    settings = rerank_lib.RerankSettings(num_seeds=num_seeds)
+    ranks = rerank_lib.rerank_leave_one_out("diffusion", x, settings=settings)
+    ((num_nodes, seeds),) = seen
+    assert num_nodes == len(x)
+    dense = np.asarray(diffusion.seed_vectors(seeds, num_items=len(x)))  # (N, N)
+    assert np.all(np.diag(dense) == 0)
+    expected = np.argsort(-(x @ x.T - 3 * np.eye(len(x))), axis=1, kind="stable")
+    for i in range(len(x)):
+        seeded = set(np.flatnonzero(dense[i]).tolist())
+        assert seeded and seeded <= set(expected[i, :num_seeds].tolist()), (i, seeded)
+        assert ranks[i, -1] == i
+        assert sorted(ranks[i]) == list(range(len(x)))
+
+
+def test_exclude_is_validated():
+    x = np.eye(4, dtype=np.float32)
+    with pytest.raises(ValueError, match=r"one database index per query, shape \(4,\)"):
+        rerank_lib.query_expansion_ranks("aqe", x, x, exclude=np.arange(3))
+    with pytest.raises(ValueError, match="must index the 4 database rows"):
+        rerank_lib.diffusion_ranks(x, x, exclude=np.array([0, 1, 2, 4]))
+    with pytest.raises(ValueError, match="needs the query and database image paths"):
+        rerank_lib.rerank_leave_one_out("dsm", x, paths=["a.jpg"])
+
+
+def test_dsm_leave_one_out_equals_split_without_the_query_row(leuven_and_bikes):
+    """Leuven 1 among the others: its own (perfect) match must not be verified."""
+    query, database, queries, descriptors, extractor = leuven_and_bikes
+    paths = query + database
+    x = np.concatenate([queries, descriptors])
+    settings = rerank_lib.RerankSettings(dsm_max_side=320)
+    kwargs = dict(settings=settings, dsm_extractor=extractor)
+    for method in ("dsm", "dsm+diffusion"):
+        ranks = rerank_lib.rerank_leave_one_out(method, x, paths=paths, **kwargs)
+        assert set(ranks[0, :2]) == {2, 4}, (method, ranks)  # leuven 2 and 3
+        assert list(ranks[:, -1]) == [0, 1, 2, 3, 4]
+        if method == "dsm":
+            split = rerank_lib.rerank_split(
+                method, queries, descriptors, query_paths=query, database_paths=database, **kwargs
+            )
+            np.testing.assert_array_equal(ranks[0], np.r_[1 + split[0], 0])
+
+
+class _ShapeRecorder:
+    """A stand-in DSM extractor whose single feature holds the image's (width, height)."""
+
+    feature_stride = 32
+
+    def load(self, path, *, max_side):
+        return image_io.load_scaled(path, max_side=max_side, upscale=False)[0]
+
+    def check_size(self, image, *, name="image"):
+        pass
+
+    def __call__(self, image):
+        height, width = image.shape[:2]
+        return LocalFeatures(
+            means=np.array([[width, height]], np.float32),
+            covariances=np.eye(2, dtype=np.float32)[None],
+            strengths=np.ones(1, np.float32),
+            channels=np.zeros(1, np.int32),
+            valid=np.ones(1, bool),
+        )
+
+
+def test_local_features_crop_to_the_query_boxes(tmp_path):
+    path = str(tmp_path / "image.png")
+    cv2.imwrite(path, np.zeros((300, 400, 3), np.uint8))
+    features = rerank_lib.local_features(
+        [path, path], _ShapeRecorder(), max_side=200, boxes=[None, (100, 50, 300, 150)]
+    )
+    # Whole image 400 x 300 shrunk to 200 x 150; the 200 x 100 box is not enlarged.
+    np.testing.assert_array_equal(features.means[:, 0], [[200, 150], [200, 100]])
+    with pytest.raises(ValueError, match="got 1 boxes for 2 images"):
+        rerank_lib.local_features([path, path], _ShapeRecorder(), boxes=[None])
