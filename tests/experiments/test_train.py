@@ -121,3 +121,20 @@ def test_config_overrides_are_type_checked(capsys):
         cli.run(train.main, ["--config", "missing.py", "--workdir", "x"], prog="train")
     assert exit_info.value.code == 2
     assert "--config missing.py: no such file" in capsys.readouterr().err
+
+
+def test_fine_tune_on_an_unlabelled_folder(shared_data, tmp_path):
+    """A folder of one's own photos: positives are random warps of each photo."""
+    import shutil
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for path in sorted((shared_data / "landmarks_mini" / "images").glob("*.jpg"))[:8]:
+        shutil.copy(path, folder / path.name)
+    result = train.main(
+        ["--config", SMOKE, "--workdir", str(tmp_path / "run")]
+        + ["--config.data.source=unlabelled", f"--config.data.path={folder}"]
+    )
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+    assert "validation_map" not in result  # every photo is its own scene: nothing held out
+    assert model_io.load_model(tmp_path / "run")[0].max_side == 64
