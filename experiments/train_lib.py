@@ -194,6 +194,101 @@ def plot_curves(records: list[dict[str, Any]], path: pathlib.Path) -> pathlib.Pa
     return path
 
 
+class RetrievalTask:
+    """Metric learning of a global-descriptor model: mined tuples, tuple/listwise losses.
+
+    The training loop (:func:`train_and_evaluate`) asks a task for its variables, which
+    of them train, the loss of a batch, each epoch's dataset, validation metrics and the
+    exported model; other tasks (DELF's classification stages) answer the same questions.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+        self.config = config
+        self.workdir = workdir
+        all_images = load_training_images(config.data)
+        self.train_images, validation_images = labelled_lib.split_scenes(
+            all_images, validation_fraction=config.data.validation_fraction, seed=config.seed
+        )
+        check_training_images(self.train_images)
+        self.validation = None
+        if len(validation_images):
+            self.validation = labelled_lib.to_retrieval_dataset(
+                validation_images, name="validation"
+            )
+        self.model_config = model_config(config)
+        if config.model.get("init_checkpoint"):
+            self.model_config, self.initial_variables = model_io.load_model(
+                config.model.init_checkpoint
+            )
+        else:
+            self.initial_variables = retrieval_model.init_model_variables(self.model_config)
+        self.model = retrieval_model.make_model(self.model_config, freeze_batch_stats=True)
+        self.trainable = state.freeze_before(
+            state.backbone_layer_names(self.model_config.spec.module()),
+            config.model.first_trainable,
+        )
+        loss_fn = step.retrieval_loss(config.loss.name, **config.loss.kwargs.to_dict())
+        self.batch_loss = step.tuple_batch_loss(self.model, loss_fn)
+        self.steps_per_epoch = config.mining.num_tuples // config.optim.batch_size
+        self.images_per_batch = config.optim.batch_size * (2 + config.mining.num_negatives)
+        self.extractor = extraction.Extractor(
+            self.model_config,
+            self.initial_variables,
+            extraction.ExtractionSettings(max_side=config.data.image_size, batch_size=8),
+        )
+        self.random_negatives = 0
+
+    def epoch_dataset(self, epoch: int, variables) -> Any:
+        """The epoch's tuples (mined with ``variables``, or replayed from ``mining/``)."""
+        tuples = _epoch_tuples(
+            self.workdir,
+            epoch,
+            self.train_images,
+            self.extractor.with_variables(variables),
+            self.config,
+        )
+        self.random_negatives = tuples.num_random_negatives
+        spec = self.model_config.spec
+        return training_pipeline.tuple_dataset(
+            self.train_images,
+            tuples,
+            augmentation=_augmentation(self.config.data),
+            mean=spec.input_mean,
+            std=spec.input_std,
+            seed=self.config.seed,
+            epoch=epoch,
+        )
+
+    def log_extras(self) -> dict[str, Any]:
+        """Per-epoch facts logged with every training record."""
+        return {"random_negatives": self.random_negatives}
+
+    def validate(self, variables) -> dict[str, float]:
+        """Revisited mAP on the held-out training scenes ({} without any)."""
+        if self.validation is None:
+            return {}
+        return _validate(self.extractor, variables, self.validation)
+
+    def export(self, directory: pathlib.Path, variables, metadata: dict[str, Any]) -> None:
+        """The model directory every CLI reads with ``--checkpoint``."""
+        model_io.save_model(directory, self.model_config, variables, metadata=metadata)
+
+
+def check_training_images(images: labelled_lib.LabelledImages) -> None:
+    """Refuses training data with unreadable images up front, naming them."""
+    bad = training_pipeline.check_images(images, num_threads=2)
+    if bad:
+        listed = "; ".join(f"{p}: {r}" for p, r in bad[:5])
+        raise ValueError(f"{len(bad)} training images cannot be read ({listed})")
+
+
+def _make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path):
+    task = config.get("task", "retrieval")
+    if task == "retrieval":
+        return RetrievalTask(config, workdir)
+    raise ValueError(f"unknown task {task!r}; known: retrieval")
+
+
 def train_and_evaluate(
     config: ml_collections.ConfigDict, workdir: str | os.PathLike
 ) -> dict[str, Any]:
@@ -207,18 +302,7 @@ def train_and_evaluate(
     workdir.mkdir(parents=True, exist_ok=True)
     _write_config(config, workdir)
     metrics = MetricsWriter(workdir / "metrics.jsonl")
-
-    all_images = load_training_images(config.data)
-    train_images, validation_images = labelled_lib.split_scenes(
-        all_images, validation_fraction=config.data.validation_fraction, seed=config.seed
-    )
-    bad = training_pipeline.check_images(train_images, num_threads=2)
-    if bad:
-        listed = "; ".join(f"{p}: {r}" for p, r in bad[:5])
-        raise ValueError(f"{len(bad)} training images cannot be read ({listed})")
-    validation = None
-    if len(validation_images):
-        validation = labelled_lib.to_retrieval_dataset(validation_images, name="validation")
+    task = _make_task(config, workdir)
 
     mesh = sharding.data_mesh()
     batch_size = config.optim.batch_size
@@ -226,20 +310,10 @@ def train_and_evaluate(
         raise ValueError(
             f"optim.batch_size={batch_size} must be a multiple of the {mesh.devices.size} devices"
         )
-    steps_per_epoch = config.mining.num_tuples // batch_size
+    steps_per_epoch = task.steps_per_epoch
     if steps_per_epoch < 1:
-        raise ValueError("mining.num_tuples must be at least optim.batch_size.")
+        raise ValueError("an epoch holds fewer examples than optim.batch_size.")
     total_steps = config.optim.num_epochs * steps_per_epoch
-
-    model_cfg = model_config(config)
-    if config.model.get("init_checkpoint"):
-        model_cfg, variables = model_io.load_model(config.model.init_checkpoint)
-    else:
-        variables = retrieval_model.init_model_variables(model_cfg)
-    model = retrieval_model.make_model(model_cfg, freeze_batch_stats=True)
-    trainable = state.freeze_before(
-        state.backbone_layer_names(model_cfg.spec.module()), config.model.first_trainable
-    )
     schedule = optimizers.learning_rate_schedule(
         learning_rate=config.optim.learning_rate,
         total_steps=max(1, total_steps // config.optim.accumulation_steps),
@@ -253,7 +327,7 @@ def train_and_evaluate(
         accumulation_steps=config.optim.accumulation_steps,
         clip_norm=config.optim.get("clip_norm"),
     )
-    train_state = state.init_train_state(variables, optimizer, trainable)
+    train_state = state.init_train_state(task.initial_variables, optimizer, task.trainable)
     checkpointer = checkpointing.Checkpointer(
         workdir / "checkpoints",
         save_interval_steps=config.checkpoint.every_steps,
@@ -263,35 +337,14 @@ def train_and_evaluate(
         train_state = checkpointer.restore(train_state)
         logger.info("resuming from step %d in %s", int(train_state.step), workdir)
     train_state = sharding.replicate(train_state, mesh)
-    loss_fn = step.retrieval_loss(config.loss.name, **config.loss.kwargs.to_dict())
-    train_step = step.make_train_step(model, loss_fn, optimizer, mesh=mesh)
-    extractor = extraction.Extractor(
-        model_cfg,
-        variables,
-        extraction.ExtractionSettings(max_side=config.data.image_size, batch_size=8),
-    )
-    augmentation = _augmentation(config.data)
-    spec = model_cfg.spec
+    train_step = step.make_train_step(task.batch_loss, optimizer, mesh=mesh)
     placement = sharding.batch_sharding(mesh)
 
     start_step = int(train_state.step)
     bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step")
-    last = {}
-    images_per_batch = batch_size * (2 + config.mining.num_negatives)
+    last: dict[str, Any] = {}
     for epoch in range(start_step // steps_per_epoch, config.optim.num_epochs):
-        current = jax.device_get(train_state.variables())
-        tuples = _epoch_tuples(
-            workdir, epoch, train_images, extractor.with_variables(current), config
-        )
-        dataset = training_pipeline.tuple_dataset(
-            train_images,
-            tuples,
-            augmentation=augmentation,
-            mean=spec.input_mean,
-            std=spec.input_std,
-            seed=config.seed,
-            epoch=epoch,
-        )
+        dataset = task.epoch_dataset(epoch, jax.device_get(train_state.variables()))
         first_batch = int(train_state.step) - epoch * steps_per_epoch
         batches = iter(
             training_pipeline.batches(
@@ -303,36 +356,35 @@ def train_and_evaluate(
         )
         tick = time.perf_counter()
         for batch_index, batch in zip(range(first_batch, steps_per_epoch), batches, strict=False):
-            batch = jax.device_put(
-                {k: batch[k] for k in ("images", "image_sizes", "scenes")}, placement
-            )
-            train_state, step_metrics = train_step(train_state, batch)
+            train_state, step_metrics = train_step(train_state, jax.device_put(batch, placement))
             current_step = int(train_state.step)
             if current_step % config.log_every_steps == 0 or batch_index == steps_per_epoch - 1:
                 elapsed = time.perf_counter() - tick
                 tick = time.perf_counter()
+                logged_steps = current_step - last.get("step", start_step) or 1
                 record = {
                     "step": current_step,
                     "epoch": epoch,
                     **{k: float(v) for k, v in jax.device_get(step_metrics).items()},
                     "learning_rate": float(schedule(current_step)),
-                    "images_per_second": images_per_batch * config.log_every_steps / elapsed,
-                    "random_negatives": tuples.num_random_negatives,
+                    "images_per_second": task.images_per_batch * logged_steps / elapsed,
+                    **task.log_extras(),
                 }
                 gem = train_state.trainable.get("gem")
                 if gem is not None:
                     record["gem_p"] = float(jax.device_get(gem["p"]))
                 metrics.write(record)
-                last = record
+                last.update(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_second']:.1f}"
                 )
             bar.update(1)
             checkpointer.save(current_step, train_state)
-            if validation is not None and current_step % config.eval.every_steps == 0:
-                scores = _validate(extractor, jax.device_get(train_state.variables()), validation)
-                metrics.write({"step": current_step, "epoch": epoch, **scores})
-                last.update(scores)
+            if current_step % config.eval.every_steps == 0:
+                scores = task.validate(jax.device_get(train_state.variables()))
+                if scores:
+                    metrics.write({"step": current_step, "epoch": epoch, **scores})
+                    last.update(scores)
         batches.close()
     bar.close()
     final_step = int(train_state.step)
@@ -340,20 +392,16 @@ def train_and_evaluate(
     checkpointer.close()
     final_variables = jax.device_get(train_state.variables())
     final = {"step": final_step}
-    if (
-        validation is not None
-        and final_step % config.eval.every_steps == 0
-        and "validation_map" in last
-    ):
+    if final_step % config.eval.every_steps == 0 and last.get("step") == final_step:
         final.update({k: v for k, v in last.items() if k.startswith("validation")})
-    elif validation is not None:
-        final.update(_validate(extractor, final_variables, validation))
-        metrics.write({"step": final_step, "final": True, **final})
-    model_io.save_model(
+    else:
+        final.update(task.validate(final_variables))
+    if len(final) > 1:
+        metrics.write({**final, "final": True})
+    task.export(
         workdir / model_io.EXPORT_SUBDIR,
-        model_cfg,
         final_variables,
-        metadata={"config": json.loads(config.to_json_best_effort()), "metrics": final},
+        {"config": json.loads(config.to_json_best_effort()), "metrics": final},
     )
     plot_curves(metrics.read(), workdir / "curves.png")
     return {**last, **final}

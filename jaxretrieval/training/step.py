@@ -73,9 +73,31 @@ def _listwise(loss, descriptors, scenes, kwargs):
     return loss(scores, labels, valid=valid, **kwargs)
 
 
+def tuple_batch_loss(
+    model, loss_fn: Callable[[jax.Array, jax.Array], jax.Array]
+) -> Callable[[dict[str, Any], dict[str, Any]], jax.Array]:
+    """``(variables, tuple batch) -> loss`` for a retrieval model and a tuple loss.
+
+    Args:
+      model: A :class:`~jaxretrieval.retrieval_model.RetrievalModel` (its backbone with
+        frozen BatchNorm statistics).
+      loss_fn: ``(descriptors (B, T, D), scenes (B, T)) -> scalar``, e.g.
+        :func:`retrieval_loss`.
+    """
+
+    def batch_loss(variables, batch):
+        batch_size, tuple_size = batch["scenes"].shape
+        images = batch["images"].reshape(batch_size * tuple_size, *batch["images"].shape[2:])
+        sizes = batch["image_sizes"].reshape(batch_size * tuple_size, 2)
+        out = model.apply(variables, images, sizes)  # frozen BN: no mutable collections
+        descriptors = out["descriptors"].reshape(batch_size, tuple_size, -1)  # (B, T, D)
+        return loss_fn(descriptors, batch["scenes"])
+
+    return batch_loss
+
+
 def make_train_step(
-    model,
-    loss_fn: Callable[[jax.Array, jax.Array], jax.Array],
+    batch_loss: Callable[[dict[str, Any], dict[str, Any]], jax.Array],
     optimizer: optax.GradientTransformation,
     *,
     mesh: jax.sharding.Mesh | None = None,
@@ -83,25 +105,20 @@ def make_train_step(
     """A jitted ``step(state, batch) -> (state, metrics)`` (state donated).
 
     Args:
-      model: A :class:`~jaxretrieval.retrieval_model.RetrievalModel` (its backbone with
-        frozen BatchNorm statistics).
-      loss_fn: ``(descriptors (B, T, D), scenes (B, T)) -> scalar``.
+      batch_loss: ``(variables, batch) -> scalar``, e.g. :func:`tuple_batch_loss`, or a
+        classification loss of single images (DELF).
       optimizer: Transformation of the trainable parameters.
       mesh: Devices to shard the batch over (default: every device).
 
     Returns:
-      The step. ``metrics`` holds ``loss`` and ``grad_norm``; with several devices the
-      batch's leading axis must divide evenly over them.
+      The step. Gradients are taken with respect to the trainable parameters only.
+      ``metrics`` holds ``loss`` and ``grad_norm``; with several devices the batch's
+      leading axis must divide evenly over them.
     """
     mesh = sharding.data_mesh() if mesh is None else mesh
 
     def loss_of(trainable, frozen, batch):
-        batch_size, tuple_size = batch["scenes"].shape
-        images = batch["images"].reshape(batch_size * tuple_size, *batch["images"].shape[2:])
-        sizes = batch["image_sizes"].reshape(batch_size * tuple_size, 2)
-        out = model.apply(merge_variables(trainable, frozen), images, sizes)  # frozen BN
-        descriptors = out["descriptors"].reshape(batch_size, tuple_size, -1)  # (B, T, D)
-        return loss_fn(descriptors, batch["scenes"])
+        return batch_loss(merge_variables(trainable, frozen), batch)
 
     def step(state: TrainState, batch):
         loss, grads = jax.value_and_grad(loss_of)(state.trainable, state.frozen, batch)

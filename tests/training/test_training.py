@@ -49,7 +49,9 @@ def test_every_loss_trains_the_tiny_model(name):
     optimizer = optimizers.make_optimizer(learning_rate=1e-2)
     train_state = _state(variables, optimizer)
     kwargs = {"min_score": -1.0} if name == "ap" else {}
-    train_step = step.make_train_step(model, step.retrieval_loss(name, **kwargs), optimizer)
+    train_step = step.make_train_step(
+        step.tuple_batch_loss(model, step.retrieval_loss(name, **kwargs)), optimizer
+    )
     batch = tuple_batch()
     first = None
     for _ in range(15):
@@ -78,7 +80,7 @@ def test_step_compiles_once():
         traces.append(1)  # runs at trace time only
         return loss(d, scenes)
 
-    train_step = step.make_train_step(model, counting_loss, optimizer)
+    train_step = step.make_train_step(step.tuple_batch_loss(model, counting_loss), optimizer)
     train_state = _state(variables, optimizer)
     for seed in range(3):
         train_state, _ = train_step(train_state, tuple_batch(seed))
@@ -94,7 +96,9 @@ def test_four_devices_match_one_device():
     for devices in (jax.devices()[:1], jax.devices()):
         mesh = sharding.data_mesh(devices)
         train_step = step.make_train_step(
-            model, step.retrieval_loss("ap", min_score=-1.0), optimizer, mesh=mesh
+            step.tuple_batch_loss(model, step.retrieval_loss("ap", min_score=-1.0)),
+            optimizer,
+            mesh=mesh,
         )
         train_state = _state(variables, optimizer, mesh=mesh)
         for seed in range(3):
@@ -153,7 +157,9 @@ def test_learning_rate_schedules():
 def test_checkpoint_round_trip_and_latest(tmp_path):
     model, variables = tiny_model()
     optimizer = optimizers.make_optimizer(learning_rate=1e-2)
-    train_step = step.make_train_step(model, step.retrieval_loss("triplet"), optimizer)
+    train_step = step.make_train_step(
+        step.tuple_batch_loss(model, step.retrieval_loss("triplet")), optimizer
+    )
     train_state = _state(variables, optimizer)
     checkpointer = checkpointing.Checkpointer(tmp_path, save_interval_steps=2, max_to_keep=2)
     for seed in range(5):
