@@ -131,35 +131,50 @@ def _check_pairs(
     return q, p
 
 
+CENTERINGS = ("queries", "all")
+
+
 def learn_supervised_whitening(
     descriptors: Float[AnyArray, "N D"],
     query_idx: Int[AnyArray, " P"],
     positive_idx: Int[AnyArray, " P"],
     *,
+    centering: str = "queries",
     eps: float = 1e-6,
     dim: int | None = None,
 ) -> Whitening:
     """Learned whitening Lw from matching pairs (Radenović et al., cirtorch ``whitenlearn``).
 
-    1. ``m`` = mean of all descriptors.
+    1. ``m``, the centre: with ``centering="queries"`` (the default, cirtorch's
+       definition) the mean of ``x[query_idx]``, one term per pair, so an image counts as
+       often as it is a query and images in no pair do not count; with
+       ``centering="all"`` the mean of all ``N`` descriptors.
     2. ``C_S`` = covariance of the matching-pair differences ``x_q - x_p`` (plus
        ``eps * I``); ``C_S^{-1/2}`` (symmetric, from ``eigh``) whitens the intra-class
-       variation, so that matching pairs end up close.
-    3. PCA of the whitened, centred descriptors: ``C_D = Y^T Y / N`` with
-       ``Y = (X - m) C_S^{-1/2}``, eigenvectors ``U`` in decreasing eigenvalue order.
+       variation, so that matching pairs end up close. The centre does not enter here.
+    3. PCA of all ``N`` whitened descriptors about the centre: eigenvectors ``U`` of
+       ``Y^T Y / N`` with ``Y = (X - m) C_S^{-1/2}``, in decreasing eigenvalue order.
+       With ``"all"`` this is the covariance; with ``"queries"`` it is the second moment
+       about the queries' mean, as in cirtorch, so the centre changes the rotation too,
+       not only the vector subtracted at apply time.
     4. ``projection = U^T C_S^{-1/2}``.
 
-    cirtorch factors ``C_S`` by Cholesky instead of the symmetric square root; the two
-    differ by a rotation that the PCA step absorbs, so the learned projections agree up
-    to eigenvector signs. cirtorch centres with the mean of the query descriptors only;
-    here every descriptor counts (with symmetric pairs both give the same mean).
+    The two centrings agree when every descriptor is a query equally often (e.g. all
+    ordered pairs of scenes of equal size); real pairs are not like that. cirtorch
+    factors ``C_S`` by Cholesky instead of the symmetric square root; the two differ by a
+    rotation that the PCA step absorbs, so the learned projections agree up to
+    eigenvector signs. cirtorch regularises by retrying Cholesky with a growing ridge;
+    here the ridge is the explicit ``eps``. With fewer independent pair differences than
+    ``D`` (``N - num_scenes < D``), ``C_S`` is singular and ``eps`` sets the gain of the
+    directions no pair varies along.
 
     Fitting runs on the host in float64 NumPy; the result is float32 JAX arrays.
 
     Args:
-      descriptors: Training descriptors, rows.
-      query_idx: Row index of the first image of each matching pair.
+      descriptors: Training descriptors, rows (unwhitened, typically L2-normalised).
+      query_idx: Row index of the first image (the query) of each matching pair.
       positive_idx: Row index of the second image of each matching pair.
+      centering: ``"queries"`` (cirtorch) or ``"all"``; see above.
       eps: Ridge added to ``C_S``'s diagonal (needed when there are fewer pairs than D).
       dim: Keep only the first ``dim`` output directions (default: all ``D``).
 
@@ -167,8 +182,8 @@ def learn_supervised_whitening(
       The learned :class:`Whitening`, projection of shape ``(dim, D)``.
 
     Raises:
-      ValueError: For bad shapes, out-of-range or mismatched indices, or ``dim`` out of
-        range.
+      ValueError: For bad shapes, out-of-range or mismatched indices, an unknown
+        ``centering``, or ``dim`` out of range.
       TypeError: For non-floating descriptors.
 
     References:
@@ -177,11 +192,14 @@ def learn_supervised_whitening(
       Mikolajczyk, Matas. Improving descriptors for fast tree matching by optimal linear
       projection. ICCV 2007.
     """
-    x = _training_descriptors("learn_supervised_whitening", descriptors)
+    name = "learn_supervised_whitening"
+    if centering not in CENTERINGS:
+        raise ValueError(f"{name}: centering must be one of {CENTERINGS}, found {centering!r}.")
+    x = _training_descriptors(name, descriptors)
     n, d = x.shape
-    dim = _check_dim("learn_supervised_whitening", dim, d)
-    q, p = _check_pairs("learn_supervised_whitening", query_idx, positive_idx, n)
-    mean = x.mean(axis=0)  # (D,)
+    dim = _check_dim(name, dim, d)
+    q, p = _check_pairs(name, query_idx, positive_idx, n)
+    mean = x[q].mean(axis=0) if centering == "queries" else x.mean(axis=0)  # (D,)
     differences = x[q] - x[p]  # (P, D)
     intra = differences.T @ differences / len(q) + eps * np.eye(d)  # (D, D) C_S
     values, vectors = np.linalg.eigh(intra)

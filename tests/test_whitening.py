@@ -121,10 +121,80 @@ def test_learn_pca_whitening_eps_keeps_rank_deficient_fit_finite():
 # --------------------------------------------------------------------------- Lw
 
 
+def _asymmetric_pairs(rng, n=40, d=6, num_pairs=60):
+    """Well-conditioned rows; queries only among the first rows (some repeated), positives
+    among the rest, rows shifted apart: the queries' mean is far from the mean of all."""
+    x = _anisotropic(rng, n, d)
+    x[: n // 3] += 2.0  # the query rows sit apart from the others
+    query_idx = rng.integers(0, n // 3, size=num_pairs)
+    positive_idx = rng.integers(n // 3, n, size=num_pairs)
+    return x, query_idx, positive_idx
+
+
+def _align_rows(actual, expected):
+    """Row signs of ``actual`` flipped to match ``expected`` (eigenvectors have no sign)."""
+    signs = np.sign(np.sum(actual * expected, axis=1))
+    assert np.all(signs != 0)
+    return actual * signs[:, None], signs
+
+
+def test_learn_supervised_whitening_matches_cirtorch_whitenlearn():
+    """Default (queries) centring == cirtorch's whitenlearn + whitenapply, up to row signs."""
+    rng = np.random.default_rng(10)
+    x, query_idx, positive_idx = _asymmetric_pairs(rng)
+    w = whitening.learn_supervised_whitening(x, query_idx, positive_idx)  # default eps
+    m, expected = ref.whitenlearn_columns(x.T, query_idx, positive_idx)  # columns (D, N)
+    np.testing.assert_allclose(w.mean, m[:, 0], rtol=1e-6, atol=1e-6)
+    # On this well-conditioned input cirtorch's Cholesky needs no ridge; our 1e-6 * I moves
+    # the projection by far less than the tolerance.
+    projection, signs = _align_rows(np.asarray(w.projection, np.float64), expected)
+    np.testing.assert_allclose(projection, expected, rtol=1e-5, atol=1e-5 * np.abs(expected).max())
+    held_out = _anisotropic(rng, 10, 6).astype(np.float32)
+    for dim in (None, 3):
+        k = 6 if dim is None else dim
+        ours = np.asarray(whitening.apply_whitening(w, held_out, dim=dim)) * signs[:k]
+        theirs = ref.whitenapply_columns(held_out.T, m, expected, dim).T  # back to rows
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_learn_supervised_whitening_centerings_differ_on_asymmetric_pairs():
+    rng = np.random.default_rng(11)
+    x, query_idx, positive_idx = _asymmetric_pairs(rng)
+    queries = whitening.learn_supervised_whitening(x, query_idx, positive_idx)
+    everything = whitening.learn_supervised_whitening(x, query_idx, positive_idx, centering="all")
+    np.testing.assert_allclose(queries.mean, x[query_idx].mean(axis=0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(everything.mean, x.mean(axis=0), rtol=1e-6, atol=1e-6)
+    # "all" is the other reference (mean of all rows, covariance PCA) ...
+    mean, projection = ref.supervised_whitening(x, query_idx, positive_idx)
+    np.testing.assert_allclose(
+        _gram(_projected(everything, x)), _gram((x - mean) @ projection.T), rtol=1e-4, atol=1e-4
+    )
+    # ... and not cirtorch's: the centre changes the PCA rotation, not just the offset.
+    _, cirtorch = ref.whitenlearn_columns(x.T, query_idx, positive_idx)
+    aligned, _ = _align_rows(np.asarray(everything.projection, np.float64), cirtorch)
+    assert np.abs(aligned - cirtorch).max() > 0.1 * np.abs(cirtorch).max()
+    held_out = _anisotropic(rng, 10, 6).astype(np.float32)
+    a = np.asarray(whitening.apply_whitening(queries, held_out))
+    b = np.asarray(whitening.apply_whitening(everything, held_out))
+    assert np.abs(_gram(a) - _gram(b)).max() > 0.1  # cosine similarities differ
+
+
+def test_learn_supervised_whitening_centerings_agree_on_balanced_pairs():
+    # Every image is a query equally often (all ordered pairs, equal class sizes).
+    rng = np.random.default_rng(12)
+    x, _, query_idx, positive_idx = _classes(rng)
+    queries = whitening.learn_supervised_whitening(x, query_idx, positive_idx)
+    everything = whitening.learn_supervised_whitening(x, query_idx, positive_idx, centering="all")
+    np.testing.assert_allclose(queries.mean, everything.mean, atol=1e-6)
+    np.testing.assert_allclose(
+        _gram(_projected(queries, x)), _gram(_projected(everything, x)), rtol=1e-4, atol=1e-4
+    )
+
+
 def test_learn_supervised_whitening_matches_reference():
     rng = np.random.default_rng(3)
     x, _, query_idx, positive_idx = _classes(rng)
-    w = whitening.learn_supervised_whitening(x, query_idx, positive_idx)
+    w = whitening.learn_supervised_whitening(x, query_idx, positive_idx, centering="all")
     mean, projection = ref.supervised_whitening(x, query_idx, positive_idx)
     np.testing.assert_allclose(w.mean, mean, rtol=1e-5, atol=1e-6)
     assert w.projection.shape == (8, 8)
@@ -246,6 +316,8 @@ def test_whitening_raises(without_annotation_checks):
         whitening.learn_supervised_whitening(x, np.array([0.0]), np.array([1]))
     with pytest.raises(ValueError, match=r"query_idx must have shape \(N,\), found shape \(1, 2\)"):
         whitening.learn_supervised_whitening(x, np.array([[0, 1]]), np.array([1, 2]))
+    with pytest.raises(ValueError, match=r"centering must be one of \(.queries., .all.\)"):
+        whitening.learn_supervised_whitening(x, np.array([0]), np.array([1]), centering="mean")
     w = whitening.learn_pca_whitening(x)
     with pytest.raises(ValueError, match=r"descriptors \(2, 4\) do not fit"):
         whitening.apply_whitening(w, np.zeros((2, 4), np.float32))

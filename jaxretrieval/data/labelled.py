@@ -508,12 +508,58 @@ def to_retrieval_dataset(labelled: LabelledImages, *, name: str) -> datasets.Ret
     )
 
 
+def matching_pairs(
+    scenes: Int[np.ndarray, " N"],
+) -> tuple[Int[np.ndarray, " P"], Int[np.ndarray, " P"]]:
+    """Every ordered pair of distinct images of the same scene: ``(query_idx, positive_idx)``.
+
+    Ordered, so each unordered pair appears twice, ``(i, j)`` and ``(j, i)``: a label says
+    nothing about which image is the query, so every image is the query of every other
+    image of its scene. A scene of ``n`` images gives ``n * (n - 1)`` pairs; scenes of one
+    image give none. smvs_train (51 + 101 + 91 scenes of 2 images, 50 of 5) gives 1,486
+    pairs (743 unordered). For learned whitening
+    (:func:`jaxretrieval.whitening.learn_supervised_whitening`) the order does not change
+    the pair covariance, and it makes the queries' mean weight each image by
+    ``n - 1``, its number of partners, independently of the order of the files.
+
+    Args:
+      scenes: Scene id of each image, e.g. :attr:`LabelledImages.scenes`.
+
+    Returns:
+      ``(query_idx, positive_idx)``, ``int64`` image indices, sorted by query, then by
+      positive.
+
+    Raises:
+      ValueError: ``scenes`` is not a flat array of integers.
+    """
+    scenes = np.asarray(scenes)
+    if scenes.ndim != 1 or (scenes.size and scenes.dtype.kind not in "iu"):
+        raise ValueError(
+            f"scenes must be a flat array of integer ids, found shape {scenes.shape} and "
+            f"dtype {scenes.dtype}."
+        )
+    # Work in scene-sorted order: scene g occupies positions start[g] .. start[g] + n[g].
+    order = np.argsort(scenes, kind="stable")  # (N,)
+    _, group, size = np.unique(scenes[order], return_inverse=True, return_counts=True)
+    start = np.concatenate([[0], np.cumsum(size)[:-1]])  # (num_scenes,)
+    partners = size[group] - 1  # (N,) per sorted position
+    query_pos = np.repeat(np.arange(len(order)), partners)  # (P,)
+    # t = 0 .. n - 2 within each query's run; skip the query's own position.
+    t = np.arange(len(query_pos)) - np.repeat(np.cumsum(partners) - partners, partners)  # (P,)
+    own = query_pos - start[group[query_pos]]  # (P,) the query's place in its scene
+    positive_pos = start[group[query_pos]] + t + (t >= own)  # (P,)
+    query_idx, positive_idx = order[query_pos], order[positive_pos]
+    by_query = np.lexsort((positive_idx, query_idx))
+    return query_idx[by_query].astype(np.int64), positive_idx[by_query].astype(np.int64)
+
+
 __all__ = [
     "LabelledImages",
     "from_csv",
     "from_revisitop",
     "from_scene_folders",
     "from_unlabelled_folder",
+    "matching_pairs",
     "split_scenes",
     "to_retrieval_dataset",
 ]

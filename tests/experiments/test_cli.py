@@ -8,7 +8,7 @@ import cv2
 import numpy as np
 import pytest
 
-from experiments import cli, demo, evaluate, extract, match, search, train
+from experiments import cli, demo, evaluate, extract, learn_whitening, match, search, train
 from jaxretrieval import model_io, retrieval_model
 from jaxretrieval.retrieval_model import ModelConfig
 
@@ -16,6 +16,7 @@ CLIS = {
     "demo": demo,
     "evaluate": evaluate,
     "extract": extract,
+    "learn_whitening": learn_whitening,
     "search": search,
     "match": match,
     "train": train,

@@ -5,6 +5,12 @@ with explicit loops for the means and covariances and the general ``np.linalg.ei
 (not ``eigh``). The supervised reference whitens with a Cholesky factor, as cirtorch
 does, instead of the symmetric inverse square root: the two differ by a rotation that
 the final PCA absorbs, so agreement also checks that claim.
+
+``supervised_whitening`` centres with the mean of all descriptors (our ``"all"``);
+``whitenlearn_columns`` / ``whitenapply_columns`` transcribe cirtorch's definition
+(``cirtorch/utils/whiten.py``) in its own layout, descriptors as COLUMNS ``(D, N)``: the
+centre is the mean of the query columns (our ``"queries"``), and the PCA runs over every
+column about that centre.
 """
 
 import numpy as np
@@ -54,6 +60,45 @@ def supervised_whitening(x, query_idx, positive_idx, eps=1e-6):
     whitened = (x - mean) @ whiten.T
     _, rotation = _sorted_eig(_covariance(whitened))
     return mean, rotation.T @ whiten
+
+
+def whitenlearn_columns(X, qidxs, pidxs):
+    """cirtorch's Lw on columns: returns (m (D, 1), P (D, D)); no ridge (well-conditioned X).
+
+    m = mean of X[:, q] over the pair list (a query counts once per pair);
+    S = sum over pairs of (x_q - x_p)(x_q - x_p)^T / #pairs = L L^T (Cholesky);
+    D = sum over ALL columns of L^-1 (x - m) (x - m)^T L^-T, eigenvectors by decreasing
+    eigenvalue (general ``eig``); P = eigvec^T L^-1.
+    """
+    X = np.asarray(X, np.float64)
+    d, n = X.shape
+    m = np.zeros(d)
+    for q in qidxs:
+        m = m + X[:, q]
+    m = m / len(qidxs)
+    S = np.zeros((d, d))
+    for q, p in zip(qidxs, pidxs, strict=True):
+        diff = X[:, q] - X[:, p]
+        S += np.outer(diff, diff)
+    S = S / len(qidxs)
+    L_inv = np.linalg.inv(np.linalg.cholesky(S))
+    scatter = np.zeros((d, d))
+    for j in range(n):
+        y = L_inv @ (X[:, j] - m)
+        scatter += np.outer(y, y)
+    _, eigvec = _sorted_eig(scatter)
+    return m[:, None], eigvec.T @ L_inv
+
+
+def whitenapply_columns(X, m, P, dimensions=None):
+    """cirtorch's apply on columns: P[:dim] (X - m), each column / (its norm + 1e-6)."""
+    X = np.asarray(X, np.float64)
+    dimensions = P.shape[0] if dimensions is None else dimensions
+    out = np.zeros((dimensions, X.shape[1]))
+    for j in range(X.shape[1]):
+        y = P[:dimensions] @ (X[:, j] - m[:, 0])
+        out[:, j] = y / (np.linalg.norm(y) + 1e-6)
+    return out
 
 
 def apply(mean, projection, x, dim=None):
