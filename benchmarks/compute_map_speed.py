@@ -17,12 +17,12 @@ sees NumPy's allocations) in a separate run, relative to the ranks array itself.
 import argparse
 import os
 import platform
-import time
 import tracemalloc
 from functools import partial
 
 import numpy as np
 
+from benchmarks.common import best_time
 from jaxretrieval.evaluation import compute_map, revisited_evaluation
 
 KAPPAS = (1, 5, 10)
@@ -95,15 +95,6 @@ def synthetic(num_database, seed=0):
         )
     medium = [{"ok": g["easy"] + g["hard"], "junk": g["junk"]} for g in gnd]
     return ranks, gnd, medium
-
-
-def best_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def max_abs_diff(a, b):

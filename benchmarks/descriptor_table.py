@@ -27,10 +27,11 @@ import time
 
 import numpy as np
 
-from jaxretrieval import evaluation, extraction, search, whitening
+from benchmarks import common
+from jaxretrieval import extraction, search, whitening
 from jaxretrieval.data import datasets
+from jaxretrieval.retrieval_model import ModelConfig
 
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SETS = ("landmarks_mini", "multiview_jpg_mini", "oxford_affine_seq")
 LW_SOURCE = {
     "landmarks_mini": "multiview_jpg_mini",
@@ -58,15 +59,18 @@ def matching_pairs(labels: list[str], exclude: set[str]) -> tuple[np.ndarray, np
     return np.array([i for i, _ in pairs]), np.array([j for _, j in pairs])
 
 
-def evaluate(queries, database, gnd) -> float:
-    ranks = search.rank_database(queries, database)
-    return evaluation.revisited_evaluation(ranks, gnd)["medium"]["map"]
+def evaluate(queries, database, gnd, whitened=None) -> float:
+    """Medium mAP of cosine ranking, after ``whitened`` (a learned Whitening) if given."""
+    if whitened is not None:
+        queries = whitening.apply_whitening(whitened, queries)
+        database = whitening.apply_whitening(whitened, database)
+    return common.medium_map(search.rank_database(queries, database), gnd)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--max-side", type=int, default=224)
-    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--data", default=str(common.DATA))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write all numbers here")
     args = parser.parse_args(argv)
@@ -78,14 +82,10 @@ def main(argv=None):
     poolings = tuple(extraction.POOLINGS)
     results = []
     for backbone, (scale_name, scales) in itertools.product(backbone_names, scale_settings.items()):
-        settings = extraction.ExtractionSettings(
-            backbone=backbone,
-            max_side=args.max_side,
-            scales=scales,
-            pooling="gem",
-            extra_poolings=poolings,
+        extractor = extraction.Extractor.pretrained(
+            ModelConfig(backbone=backbone, pooling="gem", max_side=args.max_side, scales=scales),
+            extraction.ExtractionSettings(extra_poolings=poolings),
         )
-        extractor = extraction.Extractor(settings)
         start = time.perf_counter()
         extracted = {}
         for name in needed:
@@ -111,12 +111,8 @@ def main(argv=None):
             )
             pca_all = whitening.learn_pca_whitening(x, dim=min(len(x) - 1, x.shape[1]))
             row["pcaw"] = (
-                evaluate(
-                    whitening.apply_whitening(pca_split, split_queries),
-                    whitening.apply_whitening(pca_split, split_database),
-                    dataset.gnd,
-                ),
-                evaluate(*[whitening.apply_whitening(pca_all, x)] * 2, loo_gnd),
+                evaluate(split_queries, split_database, dataset.gnd, pca_split),
+                evaluate(x, x, loo_gnd, pca_all),
             )
             source_dataset, source_paths, _, source_result = extracted[LW_SOURCE[name]]
             source_x = source_result.by_pooling[pooling_name]
@@ -126,12 +122,8 @@ def main(argv=None):
                 source_x, query_idx, positive_idx, dim=min(len(source_x) - 1, x.shape[1])
             )
             row["lw"] = (
-                evaluate(
-                    whitening.apply_whitening(lw, split_queries),
-                    whitening.apply_whitening(lw, split_database),
-                    dataset.gnd,
-                ),
-                evaluate(*[whitening.apply_whitening(lw, x)] * 2, loo_gnd),
+                evaluate(split_queries, split_database, dataset.gnd, lw),
+                evaluate(x, x, loo_gnd, lw),
             )
             results.append(row)
             print(
@@ -148,10 +140,7 @@ def main(argv=None):
 def markdown(results) -> str:
     """One row per dataset x backbone x pooling; split / leave-one-out mAP per column."""
     columns = [f"{w} {s}" for s in ("SS", "MS") for w in ("none", "PCAw", "Lw")]
-    lines = [
-        "| dataset | backbone | pooling | " + " | ".join(columns) + " |",
-        "|" + " --- |" * (3 + len(columns)),
-    ]
+    rows = []
     keyed = {(r["dataset"], r["backbone"], r["pooling"], r["scales"]): r for r in results}
     for dataset, backbone, pooling_name in dict.fromkeys(
         (r["dataset"], r["backbone"], r["pooling"]) for r in results
@@ -161,8 +150,8 @@ def markdown(results) -> str:
             row = keyed.get((dataset, backbone, pooling_name, scale_name))
             for w in ("none", "pcaw", "lw"):
                 cells.append("-" if row is None else f"{row[w][0]:.3f} / {row[w][1]:.3f}")
-        lines.append(f"| {dataset} | {backbone} | {pooling_name} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+        rows.append([dataset, backbone, pooling_name, *cells])
+    return common.markdown_table(["dataset", "backbone", "pooling", *columns], rows)
 
 
 if __name__ == "__main__":

@@ -23,12 +23,11 @@ import time
 import cv2
 import numpy as np
 
+from benchmarks.common import DATA, map_affine, map_homography
 from experiments import match_lib
 from jaxretrieval.data.images import load_image
 from jaxretrieval.spatial_verification import DSMFeatureExtractor
 from jaxretrieval.spatial_verification.feature_extraction import DEFAULT_SCALES
-
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
 def corners(image: np.ndarray) -> np.ndarray:
@@ -50,15 +49,6 @@ def sift_homography(object_image: np.ndarray, scene_image: np.ndarray, *, ratio:
     points_b = np.float32([keypoints_b[m.trainIdx].pt for m in good])
     homography, mask = cv2.findHomography(points_a, points_b, cv2.RANSAC, 5.0)
     return homography, int(mask.sum())
-
-
-def map_homography(homography: np.ndarray, points: np.ndarray) -> np.ndarray:
-    mapped = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ homography.T
-    return mapped[:, :2] / mapped[:, 2:]
-
-
-def map_affine(transform: np.ndarray, points: np.ndarray) -> np.ndarray:
-    return points @ np.asarray(transform, np.float64)[:, :2].T + np.asarray(transform)[:, 2]
 
 
 def box_pair_errors(
@@ -86,7 +76,7 @@ def box_pair_errors(
     match = match_lib.match_features(
         extractor(prepared(object_image)),
         extractor(prepared(scene_image)),
-        error_threshold=threshold_cells * extractor.spec.feature_stride,
+        error_threshold=threshold_cells * extractor.feature_stride,
     )
     # The map between the upscaled images, brought back to the original pixels.
     transform = np.array(match["transform"], np.float64)

@@ -23,35 +23,32 @@ Numbers only: nothing here is tuned to these images.
 
 import argparse
 import dataclasses
-import pathlib
 import time
 
 import numpy as np
 
+from benchmarks import common
 from experiments import match_lib
-from jaxretrieval.spatial_verification import MSERParams, activation_local_features
+from jaxretrieval.spatial_verification import (
+    DSMFeatureExtractor,
+    MSERParams,
+    activation_local_features,
+)
 
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SEQUENCES = ("graf", "bikes", "boat", "leuven", "wall")
 
 
-def sequence_files(name):
+def sequence_files(name, data=common.DATA):
     """Image paths img1..img6 and homography paths H1to2..H1to6 of one sequence."""
     if name == "graf":
-        root = DATA / "oxford_affine_graf"
+        root = data / "oxford_affine_graf"
         images = [root / f"img{k}.ppm" for k in range(1, 7)]
         homographies = [root / f"H1to{k}p" for k in range(2, 7)]
     else:
-        root = DATA / "oxford_affine_seq"
+        root = data / "oxford_affine_seq"
         images = [root / "images" / f"{name}__img{k}.png" for k in range(1, 7)]
         homographies = [root / "homographies" / f"{name}__H1to{k}p.txt" for k in range(2, 7)]
     return images, homographies
-
-
-def map_points(homography, points):
-    ones = np.ones((len(points), 1))
-    mapped = np.concatenate([points, ones], axis=1) @ homography.T
-    return mapped[:, :2] / mapped[:, 2:]
 
 
 def load_sequences(sequences, max_side, extractor):
@@ -59,15 +56,12 @@ def load_sequences(sequences, max_side, extractor):
     data = {}
     for name in sequences:
         images, homographies = sequence_files(name)
-        loaded = [match_lib.load_resized(path, max_side) for path in images]
+        loaded = [common.load_for_dsm(extractor, path, max_side) for path in images]
         maps = [extractor.activation_maps(image) for image, _ in loaded]
-        scale_a = loaded[0][1]
-        resized = []
-        for k in range(2, 7):
-            scale_b = loaded[k - 1][1]
-            # Homography between the resized images: S_b H S_a^-1.
-            homography = np.diag([scale_b, scale_b, 1.0]) @ np.loadtxt(homographies[k - 2])
-            resized.append(homography @ np.diag([1.0 / scale_a, 1.0 / scale_a, 1.0]))
+        resized = [
+            common.load_homography(path, scale_a=loaded[0][1], scale_b=loaded[k][1])
+            for k, path in enumerate(homographies, start=1)
+        ]
         data[name] = (maps, resized)
     return data
 
@@ -98,7 +92,7 @@ def evaluate(data, setting, *, max_features, max_correspondences, stride, verbos
             match = verify(features_a, features_b)
             positives.append(match["num_inliers"])
             positives_distinct.append(match["num_distinct_inliers"])
-            truth = map_points(homographies[k - 2], match["points_a"])
+            truth = common.map_homography(homographies[k - 2], match["points_a"])
             errors = np.linalg.norm(truth - match["points_b"], axis=1)
             within_all.extend(errors < threshold)
             median = float(np.median(errors)) if len(errors) else float("nan")
@@ -124,17 +118,9 @@ def evaluate(data, setting, *, max_features, max_correspondences, stride, verbos
         "neg_max": int(negatives.max()),
         "inlier_precision": float(np.mean(within_all)) if within_all else float("nan"),
         "median_error": float(np.nanmedian(medians)),
-        "auc": auc(positives, negatives),
-        "auc_distinct": auc(np.array(positives_distinct), np.array(negatives_distinct)),
+        "auc": common.auc(positives, negatives),
+        "auc_distinct": common.auc(np.array(positives_distinct), np.array(negatives_distinct)),
     }
-
-
-def auc(positives, negatives):
-    """Probability that a true pair has more inliers than a different-scene pair (ties 1/2):
-    what re-ranking by inliers needs."""
-    greater = (positives[:, None] > negatives[None, :]).mean()
-    ties = (positives[:, None] == negatives[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 def sweep_settings(threshold_cells, nms_iou):
@@ -187,7 +173,7 @@ def combination_settings(threshold_cells):
     ]
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--quick", action="store_true", help="graf and wall at max side 384")
@@ -202,11 +188,11 @@ def main():
         help="inlier threshold in activation cells of the full-scale map (DSM: 2)",
     )
     parser.add_argument("--nms-iou", type=float, default=0.7)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     max_side = 384 if args.quick else args.max_side
     sequences = ("graf", "wall") if args.quick else SEQUENCES
     scales = (1.0, 2**-0.5, 0.5)
-    extractor = match_lib.DSMFeatureExtractor(scales=scales, max_features=args.max_features)
+    extractor = DSMFeatureExtractor.pretrained(scales=scales, max_features=args.max_features)
     start = time.perf_counter()
     data = load_sequences(sequences, max_side, extractor)
     print(
@@ -217,7 +203,7 @@ def main():
     common = {
         "max_features": args.max_features,
         "max_correspondences": args.max_correspondences,
-        "stride": extractor.spec.feature_stride,
+        "stride": extractor.feature_stride,
     }
     if not (args.sweep or args.sweep_combinations):
         print(f"threshold {args.threshold_cells} cells, NMS IoU {args.nms_iou}")

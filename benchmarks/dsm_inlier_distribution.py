@@ -23,10 +23,12 @@ import jax
 import matplotlib
 import numpy as np
 
-from experiments import match_lib
+from benchmarks.common import DATA, auc
 from jaxretrieval import extraction
 from jaxretrieval.data import datasets
+from jaxretrieval.retrieval_model import ModelConfig
 from jaxretrieval.spatial_verification import (
+    DSMFeatureExtractor,
     distinct_inliers,
     stack_local_features,
     verify_shortlist,
@@ -34,15 +36,6 @@ from jaxretrieval.spatial_verification import (
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
-
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-def auc(positives: np.ndarray, negatives: np.ndarray) -> float:
-    """P(positive > negative), ties counted 1/2."""
-    greater = (positives[:, None] > negatives[None, :]).mean()
-    ties = (positives[:, None] == negatives[None, :]).mean()
-    return float(greater + 0.5 * ties)
 
 
 @functools.cache
@@ -89,13 +82,13 @@ def main(argv=None):
     dataset = datasets.load_dataset(pathlib.Path(args.data))
     paths, gnd = datasets.leave_one_out(dataset)
     start = time.perf_counter()
-    extractor = match_lib.DSMFeatureExtractor(pad_multiple=64)
-    features = [extractor(match_lib.load_resized(p, max_side)[0]) for p in paths]
-    threshold = args.threshold_cells * extractor.spec.feature_stride
+    extractor = DSMFeatureExtractor.pretrained(pad_multiple=64)
+    features = [extractor(extractor.load(p, max_side=max_side)) for p in paths]
+    threshold = args.threshold_cells * extractor.feature_stride
     inliers, distinct = pair_counts(
         features, threshold=threshold, max_correspondences=args.max_correspondences
     )
-    descriptors = extraction.Extractor(extraction.ExtractionSettings(max_side=224))(
+    descriptors = extraction.Extractor.pretrained(ModelConfig(max_side=224))(
         paths, progress=False
     ).descriptors
     cosine = descriptors @ descriptors.T

@@ -3,7 +3,7 @@
   .venv/bin/python -m benchmarks.dsm_wxbs_pairs             # max side 512
   .venv/bin/python -m benchmarks.dsm_wxbs_pairs --quick     # EVD pairs only
 
-For every labelled pair of /work/shared/data/wxbs_evd_pairs (images 1-2 of each EVD scene
+For every labelled pair of ../shared/data/wxbs_evd_pairs (images 1-2 of each EVD scene
 with its homography, images 01-02 of each WxBS pair with its hand-labelled correspondences),
 image 1 is verified against image 2 with the DSM settings of
 benchmarks/dsm_reranking_table.py (MobileNetV2 last conv, max side 512, scales 1, 1/sqrt(2),
@@ -25,10 +25,13 @@ import time
 import jax
 import numpy as np
 
+from benchmarks import common
 from experiments import match_lib
-from jaxretrieval.spatial_verification import stack_local_features, verify_shortlist
-
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wxbs_evd_pairs"
+from jaxretrieval.spatial_verification import (
+    DSMFeatureExtractor,
+    stack_local_features,
+    verify_shortlist,
+)
 
 
 def labelled_pairs(root: pathlib.Path):
@@ -46,16 +49,6 @@ def labelled_pairs(root: pathlib.Path):
     return pairs
 
 
-def map_homography(homography, points):
-    mapped = np.concatenate([points, np.ones((len(points), 1))], axis=1) @ homography.T
-    return mapped[:, :2] / mapped[:, 2:]
-
-
-def map_affine(transform, points):
-    transform = np.asarray(transform, np.float64)
-    return points @ transform[:, :2].T + transform[:, 2]
-
-
 @functools.cache
 def _jitted_inliers(max_correspondences: int):
     return jax.jit(
@@ -67,15 +60,9 @@ def _jitted_inliers(max_correspondences: int):
     )
 
 
-def auc(positives, negatives) -> float:
-    greater = (positives[:, None] > negatives[None, :]).mean()
-    ties = (positives[:, None] == negatives[None, :]).mean()
-    return float(greater + 0.5 * ties)
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data", default=str(DATA))
+    parser.add_argument("--data", default=str(common.DATA / "wxbs_evd_pairs"))
     parser.add_argument("--max-side", type=int, default=512)
     parser.add_argument("--max-correspondences", type=int, default=1024)
     parser.add_argument("--threshold-cells", type=float, default=2.0)
@@ -86,14 +73,14 @@ def main(argv=None):
     if args.quick:
         pairs = [p for p in pairs if p[3] == "H"]
     start = time.perf_counter()
-    extractor = match_lib.DSMFeatureExtractor(pad_multiple=64)
-    threshold = args.threshold_cells * extractor.spec.feature_stride
+    extractor = DSMFeatureExtractor.pretrained(pad_multiple=64)
+    threshold = args.threshold_cells * extractor.feature_stride
     all_images = sorted((root / "images").glob("*.png"))
     cache = {}
 
     def features(path):
         if path not in cache:
-            image, scale = match_lib.load_resized(path, args.max_side)
+            image, scale = common.load_for_dsm(extractor, path, args.max_side)
             cache[path] = (extractor(image), scale)
         return cache[path]
 
@@ -123,16 +110,16 @@ def main(argv=None):
         rank = 1 + int(np.sum(negative > match["num_inliers"]))
         ranks.append(rank)
         if kind == "H":
-            homography = np.diag([scale_b, scale_b, 1.0]) @ np.loadtxt(truth_path)
-            homography = homography @ np.diag([1 / scale_a, 1 / scale_a, 1.0])
+            homography = common.load_homography(truth_path, scale_a=scale_a, scale_b=scale_b)
             errors = np.linalg.norm(
-                map_homography(homography, match["points_a"]) - match["points_b"], axis=1
+                common.map_homography(homography, match["points_a"]) - match["points_b"], axis=1
             )
             precision = f"{np.mean(errors < threshold):8.2f}" if len(errors) else f"{'-':>8s}"
         else:
             corrs = np.loadtxt(truth_path, ndmin=2)
             errors = np.linalg.norm(
-                map_affine(match["transform"], corrs[:, :2] * scale_a) - corrs[:, 2:] * scale_b,
+                common.map_affine(match["transform"], corrs[:, :2] * scale_a)
+                - corrs[:, 2:] * scale_b,
                 axis=1,
             )
             precision = f"{'-':>8s}"
@@ -144,7 +131,7 @@ def main(argv=None):
     positives, negatives = np.array(positives), np.array(negatives)
     print(
         f"{len(pairs)} pairs: median inliers {np.median(positives):.0f} (true pairs) vs "
-        f"{np.median(negatives):.0f} (other scenes); AUC {auc(positives, negatives):.3f}; "
+        f"{np.median(negatives):.0f} (other scenes); AUC {common.auc(positives, negatives):.3f}; "
         f"true partner ranked first in {np.mean(np.array(ranks) == 1):.0%} of pairs; "
         f"{time.perf_counter() - start:.0f} s"
     )

@@ -11,16 +11,15 @@ real photos through ``Extractor``, cold (compiles included) and warm.
 
 import argparse
 import os
-import pathlib
 import platform
 import time
 
 import jax
 import numpy as np
 
+from benchmarks.common import DATA
 from jaxretrieval import backbones, extraction, normalization, pooling
-
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+from jaxretrieval.retrieval_model import ModelConfig
 
 
 def _time(fn, repeats):
@@ -67,7 +66,7 @@ def main(argv=None):
         print("\n| pipeline on landmarks_mini (29 photos) | max side | img/s | shapes |")
         print("| --- | --- | --- | --- |")
         for size in sizes:
-            extractor = extraction.Extractor(extraction.ExtractionSettings(max_side=size))
+            extractor = extraction.Extractor.pretrained(ModelConfig(max_side=size))
             for label in ("cold (compiles)", "warm"):
                 start = time.perf_counter()
                 result = extractor(paths, progress=False)

@@ -11,11 +11,12 @@ import argparse
 import pathlib
 import time
 
+from benchmarks.common import DATA
 from experiments import evaluate_lib
 from jaxretrieval import extraction
 from jaxretrieval.data import datasets
+from jaxretrieval.retrieval_model import ModelConfig
 
-DATA = pathlib.Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 SETS = ("landmarks_mini", "multiview_jpg_mini", "oxford_affine_seq")
 
 
@@ -35,13 +36,14 @@ def main(argv=None):
         "|" + " --- |" * 9,
     ]
     for size in args.sizes:
-        extractor = extraction.Extractor(
-            extraction.ExtractionSettings(backbone=args.backbone, max_side=size)
+        extractor = extraction.Extractor.pretrained(
+            ModelConfig(backbone=args.backbone, max_side=size)
         )
+        extract = evaluate_lib.cached_extraction(extractor, progress=False)
         for name in args.sets:
             dataset = datasets.load_dataset(pathlib.Path(args.data) / name)
             start = time.perf_counter()
-            rankings = evaluate_lib.rank_protocols(dataset, extractor, progress=False)
+            rankings = evaluate_lib.rank_protocols(dataset, extract)
             seconds = (time.perf_counter() - start) / len(rankings["leave_one_out"].query_paths)
             split = evaluate_lib.score(rankings["split"])["medium"]
             loo = evaluate_lib.score(rankings["leave_one_out"])["medium"]

@@ -27,13 +27,13 @@ Times are the best of --repeats runs after one warm-up (compile) run.
 import argparse
 import os
 import platform
-import time
 import warnings
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.common import best_time
 from jaxretrieval.spatial_verification.ransac import ransac_affine
 
 
@@ -75,15 +75,6 @@ def synthetic_shortlist(num_pairs, num_correspondences, *, seed=0, noise=2.0, si
 def recall_precision(found, truth):
     hits = np.sum(found & truth)
     return hits / max(truth.sum(), 1), hits / max(found.sum(), 1)
-
-
-def best_time(fn, repeats):
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn()
-        times.append(time.perf_counter() - start)
-    return min(times), out
 
 
 def main():

@@ -86,7 +86,9 @@ def ranks_of(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores, axis=1, kind="stable")
 
 
-def _check_exclude(exclude: np.ndarray | None, num_queries: int, num_database: int):
+def _check_exclude(
+    exclude: np.ndarray | None, num_queries: int, num_database: int
+) -> np.ndarray | None:
     """``exclude`` as a (Q,) int array of valid database indices, or None."""
     if exclude is None:
         return None
