@@ -8,7 +8,7 @@
 A dataset folder holds gnd_<name>.pkl (imlist, qimlist, gnd with easy/hard/junk/bbx) and
 its images in images/ or jpg/. Prints mAP and mP@1/5/10 for the Easy, Medium and Hard
 protocols of Radenović et al. (CVPR 2018), for the dataset's own queries ("split") and,
-with --leave-one-out, for every image querying all the others. --rerank adds the split
+with --leave-one-out, for every image querying all the others. --rerank adds each
 protocol re-ranked by query expansion, diffusion or DSM spatial verification (DSM uses
 the same model's activations). The JSON (--json) records the model, the extraction
 settings and every re-ranking parameter.
@@ -39,7 +39,7 @@ def parse_args(argv=None):
         nargs="+",
         default=["none"],
         choices=rerank_lib.METHODS,
-        help="re-rank the split protocol's ranking: query expansion (aqe, alpha-qe, "
+        help="re-rank each protocol's ranking: query expansion (aqe, alpha-qe, "
         "dba+alpha-qe), diffusion, DSM spatial verification (dsm), or DSM-seeded diffusion; "
         "several may be given and each is scored",
     )
@@ -88,7 +88,7 @@ def main(argv=None) -> dict:
     failures = rankings["split"].failures
     for key, ranking in rankings.items():
         metrics = results[key]
-        label = key.replace("split+", "split, re-ranked: ")
+        label = key.replace("+", ", re-ranked: ")
         print(f"\n{dataset.name} [{label}] {len(ranking.query_paths)} queries")
         for level in ("easy", "medium", "hard"):
             m = metrics[level]

@@ -173,21 +173,24 @@ def evaluate(
     rerank_settings: rerank_lib.RerankSettings = rerank_lib.RerankSettings(),
     dsm_extractor: DSMFeatureExtractor | None = None,
 ) -> tuple[dict[str, Any], dict[str, DatasetRanking]]:
-    """Metrics of every protocol, and of the split protocol re-ranked by each method.
+    """Metrics of every protocol, and of every protocol re-ranked by each method.
 
     Args:
       dataset: A revisitop-layout dataset.
       extract: ``(paths, boxes) -> ExtractionResult`` (e.g. an Extractor, or
         :func:`cached_extraction`).
       protocols: ``"split"`` and/or ``"leave_one_out"``.
-      reranking: Methods of :data:`experiments.rerank_lib.METHODS` applied to the split
-        protocol's ranking (``"none"`` is ignored).
+      reranking: Methods of :data:`experiments.rerank_lib.METHODS` applied to each
+        protocol's ranking (``"none"`` is ignored); DSM crops the split's queries to
+        their boxes as the global descriptors are; leave-one-out re-ranking keeps each
+        query out of its own neighbours, seeds and shortlist
+        (:func:`experiments.rerank_lib.rerank_leave_one_out`).
       rerank_settings: Their parameters (recorded in the output).
       dsm_extractor: Local features for ``dsm`` and ``dsm+diffusion``.
 
     Returns:
       ``(results, rankings)``: ``results`` maps ``"dataset"``, ``"rerank_settings"``,
-      each protocol and each ``"split+<method>"`` to revisited metrics (JSON-ready);
+      each protocol and each ``"<protocol>+<method>"`` to revisited metrics (JSON-ready);
       ``rankings`` maps the same keys to their :class:`DatasetRanking`.
     """
     methods = [m for m in reranking if m != "none"]
@@ -196,21 +199,31 @@ def evaluate(
         raise ValueError(
             f"unknown re-ranking {sorted(unknown)}; choose from {', '.join(rerank_lib.METHODS)}."
         )
-    if methods and "split" not in protocols:
-        raise ValueError("re-ranking applies to the split protocol; add 'split' to protocols.")
     rankings = dict(rank_protocols(dataset, extract, protocols))
-    split = rankings.get("split")
     for method in methods:
-        ranks = rerank_lib.rerank_split(
-            method,
-            split.query_descriptors,
-            split.database_descriptors,
-            settings=rerank_settings,
-            query_paths=split.query_paths,
-            database_paths=split.database_paths,
-            dsm_extractor=dsm_extractor,
-        )
-        rankings[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
+        if "split" in rankings:
+            split = rankings["split"]
+            ranks = rerank_lib.rerank_split(
+                method,
+                split.query_descriptors,
+                split.database_descriptors,
+                settings=rerank_settings,
+                query_paths=split.query_paths,
+                database_paths=split.database_paths,
+                query_boxes=dataset.query_boxes,
+                dsm_extractor=dsm_extractor,
+            )
+            rankings[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
+        if "leave_one_out" in rankings:
+            loo = rankings["leave_one_out"]
+            ranks = rerank_lib.rerank_leave_one_out(
+                method,
+                loo.query_descriptors,
+                settings=rerank_settings,
+                paths=loo.query_paths,
+                dsm_extractor=dsm_extractor,
+            )
+            rankings[f"leave_one_out+{method}"] = dataclasses.replace(loo, ranks=ranks)
     results: dict[str, Any] = {"dataset": dataset.name}
     if methods:
         results["rerank_settings"] = dataclasses.asdict(rerank_settings)

@@ -67,5 +67,10 @@ def test_evaluate_with_any_extraction_function_records_rerank_settings(shared_da
     assert results["split"]["medium"]["map"] == 1.0
     assert results["rerank_settings"]["qe_k"] == 1
     assert set(rankings) == {"split", "split+alpha-qe"} and calls == [7, 22]
+    results, rankings = evaluate_lib.evaluate(
+        dataset, by_scene, protocols=evaluate_lib.PROTOCOLS, reranking=["alpha-qe"]
+    )
+    assert results["leave_one_out+alpha-qe"]["medium"]["map"] == 1.0
+    assert rankings["leave_one_out+alpha-qe"].ranks.shape == (29, 29)
     with pytest.raises(ValueError, match="unknown re-ranking"):
         evaluate_lib.evaluate(dataset, by_scene, reranking=["magic"])
