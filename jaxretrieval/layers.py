@@ -140,3 +140,38 @@ class CosineMarginHead(nn.Module):
         return losses.cosine_margin_logits(
             embeddings, class_centers, labels, scale=self.scale, margin=self.margin
         )
+
+
+class AttentionPooling(nn.Module):
+    """DELF's attention head: a non-negative score per location, and the pooled vector.
+
+    Scores are ``softplus(conv_1x1(relu(conv_1x1(features))))`` (the paper's two-layer
+    head; 1x1 convolutions are dense layers over channels). The pooling is
+    :func:`jaxretrieval.local_features.attention_pooling` of the features weighted by
+    the scores. The authors' code puts BatchNorm after the first convolution; it is left
+    out here because the head trains on CPU batches of 8 images, where batch statistics
+    are noisy, and frozen statistics would make it an identity anyway.
+
+    Attributes:
+      hidden: Channels of the first convolution (the paper: 512).
+      param_dtype: Dtype of the kernels and biases.
+    """
+
+    hidden: int = 512
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        features: Float[AnyArray, "B H W C"],
+        valid: Bool[AnyArray, "B H W"] | None = None,
+    ) -> tuple[Float[Array, "B C"], Float[Array, "B H W"]]:
+        """``(pooled, scores)`` of a feature map (``valid`` masks padding cells)."""
+        # Imported here, not at the top: jaxretrieval.local_features imports this module.
+        from jaxretrieval.local_features.attention import attention_pooling
+
+        x = jnp.asarray(features, jnp.float32)
+        x = nn.relu(nn.Dense(self.hidden, param_dtype=self.param_dtype, name="hidden")(x))
+        logits = nn.Dense(1, param_dtype=self.param_dtype, name="score")(x)  # (B, H, W, 1)
+        scores = nn.softplus(logits[..., 0])  # (B, H, W)
+        return attention_pooling(features, scores, valid), scores
