@@ -2,10 +2,13 @@
 
 A model directory holds
 
-* ``model.json``: ``{"format": "jaxretrieval-model", "version": 1, "model": {...}}``
-  where ``model`` is a :class:`~jaxretrieval.retrieval_model.ModelConfig` (backbone,
-  feature map, pooling, whitening size, image size and scales), plus free-form
-  ``"metadata"`` (what made it: config, step, metrics);
+* ``model.json``: ``{"format": "jaxretrieval-model", "version": 1, "kind": ...,
+  "model": {...}}`` where ``kind`` says what the model is and ``model`` its config:
+  ``"retrieval"`` (the default; files without a kind are retrieval models) for a
+  :class:`~jaxretrieval.retrieval_model.ModelConfig` (backbone, feature map, pooling,
+  whitening size, image size and scales), ``"delf"`` for a
+  :class:`~jaxretrieval.local_features.DelfConfig` (DELF local features); plus
+  free-form ``"metadata"`` (what made it: config, step, metrics);
 * ``variables/``: the Flax variables, saved by orbax (``StandardCheckpointer``).
 
 The variables are written first and ``model.json`` last, atomically (temporary file +
@@ -14,6 +17,8 @@ interrupted save leaves no ``model.json`` and :func:`load_model` says so.
 
 ``python -m experiments.evaluate --checkpoint DIR`` (and extract/search/match) accept a
 model directory or a training work directory holding one in ``model/``.
+:func:`load_model` reads retrieval models and :func:`load_delf_model` DELF models; each
+refuses the other kind with a message saying which loader to use.
 
 :func:`variables_digest` hashes the variables actually used, so that descriptor caches
 are keyed by the weights and never serve a fine-tuned model stale descriptors.
@@ -37,6 +42,11 @@ MODEL_FILE = "model.json"
 VARIABLES_DIR = "variables"
 # A training work directory keeps its exported model here.
 EXPORT_SUBDIR = "model"
+# What a model directory can hold: model.json's "kind" (absent means "retrieval").
+RETRIEVAL_KIND = "retrieval"
+DELF_KIND = "delf"
+KINDS = (RETRIEVAL_KIND, DELF_KIND)
+_LOADERS = {RETRIEVAL_KIND: "load_model", DELF_KIND: "load_delf_model"}
 
 
 class ModelDirectoryError(FileNotFoundError):
@@ -45,7 +55,7 @@ class ModelDirectoryError(FileNotFoundError):
 
 def save_model(
     directory: str | os.PathLike,
-    config: ModelConfig,
+    config: Any,
     variables: dict[str, Any],
     *,
     metadata: dict[str, Any] | None = None,
@@ -54,7 +64,9 @@ def save_model(
 
     Args:
       directory: Target directory; created if missing.
-      config: What the model is.
+      config: What the model is: a :class:`ModelConfig`, or a config with a
+        ``model_kind`` class attribute (a DELF model's
+        :class:`~jaxretrieval.local_features.DelfConfig` says ``"delf"``).
       variables: Its Flax variables (NumPy or JAX arrays).
       metadata: JSON-serialisable facts to keep with it (training config, step, mAP).
 
@@ -63,6 +75,9 @@ def save_model(
     """
     import orbax.checkpoint as ocp  # Lazy: only saving and loading models need orbax.
 
+    kind = getattr(config, "model_kind", RETRIEVAL_KIND)
+    if kind not in KINDS:
+        raise ValueError(f"unknown model kind {kind!r}; known: {', '.join(KINDS)}.")
     directory = pathlib.Path(directory).absolute()
     directory.mkdir(parents=True, exist_ok=True)
     model_file = directory / MODEL_FILE
@@ -77,6 +92,7 @@ def save_model(
     document = {
         "format": FORMAT,
         "version": VERSION,
+        "kind": kind,
         "model": config.to_json_dict(),
         "variables_digest": variables_digest(host_variables),
         "metadata": metadata or {},
@@ -133,25 +149,26 @@ def read_model_file(path: str | os.PathLike) -> dict[str, Any]:
     return document
 
 
-def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
-    """Reads a model directory written by :func:`save_model`.
+def model_kind(document: dict[str, Any]) -> str:
+    """The ``kind`` of a parsed ``model.json`` (``"retrieval"`` when absent)."""
+    return document.get("kind", RETRIEVAL_KIND)
 
-    Args:
-      path: The model directory, or a training work directory holding ``model/``.
 
-    Returns:
-      ``(config, variables)`` with NumPy arrays.
-
-    Raises:
-      ModelDirectoryError: Not a model directory, incomplete, or corrupt (the message
-        names the file and why).
-    """
-    import orbax.checkpoint as ocp
+def _load(path: str | os.PathLike, kind: str, parse) -> tuple[Any, dict[str, Any]]:
+    """Reads a model directory of ``kind``; ``parse`` turns ``model`` into a config."""
+    import orbax.checkpoint as ocp  # Lazy: only saving and loading models need orbax.
 
     directory = resolve_model_directory(path)
     document = read_model_file(directory)
+    found = model_kind(document)
+    if found != kind:
+        loader = _LOADERS.get(found)
+        advice = f"; load it with jaxretrieval.model_io.{loader}" if loader else ""
+        raise ModelDirectoryError(
+            f"{directory / MODEL_FILE} holds a {found!r} model, not a {kind!r} one{advice}"
+        )
     try:
-        config = ModelConfig.from_json_dict(document["model"])
+        config = parse(document["model"])
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirectoryError(f"{directory / MODEL_FILE}: bad model description ({e})") from e
     try:
@@ -168,6 +185,40 @@ def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
             "the variables were changed or partly written"
         )
     return config, variables
+
+
+def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:
+    """Reads a retrieval model directory written by :func:`save_model`.
+
+    Args:
+      path: The model directory, or a training work directory holding ``model/``.
+
+    Returns:
+      ``(config, variables)`` with NumPy arrays.
+
+    Raises:
+      ModelDirectoryError: Not a model directory, incomplete, corrupt, or a model of
+        another kind (the message names the file and why).
+    """
+    return _load(path, RETRIEVAL_KIND, ModelConfig.from_json_dict)
+
+
+def load_delf_model(path: str | os.PathLike) -> tuple[Any, dict[str, Any]]:
+    """Reads a DELF model directory (``"kind": "delf"``) written by :func:`save_model`.
+
+    Args:
+      path: The model directory, or a training work directory holding ``model/``.
+
+    Returns:
+      ``(config, variables)``: a :class:`~jaxretrieval.local_features.DelfConfig` and
+      NumPy arrays (with a ``pca`` collection once a PCA has been learned).
+
+    Raises:
+      ModelDirectoryError: As :func:`load_model`; a retrieval model is refused.
+    """
+    from jaxretrieval.local_features.model import DelfConfig  # Lazy: no import cycle.
+
+    return _load(path, DELF_KIND, DelfConfig.from_json_dict)
 
 
 def variables_digest(variables: Any) -> str:
