@@ -52,17 +52,21 @@ def freeze_before(
     Args:
       layer_names: The backbone's top-level parameter names in forward order (see
         :func:`backbone_layer_names`).
-      first_trainable: The first backbone layer to train; None trains the whole backbone.
-        Head parameters (GeM p, whitening) are always trainable; the backbone's
-        classifier never is (retrieval losses do not reach it).
+      first_trainable: The first backbone layer to train; None trains the whole backbone,
+        ``"head"`` none of it. Head parameters (GeM p, whitening, a learned aggregation)
+        are always trainable; the backbone's classifier never is (retrieval losses do not
+        reach it).
 
     Raises:
       ValueError: ``first_trainable`` is not one of ``layer_names``.
     """
     names = list(layer_names)
-    if first_trainable is not None and first_trainable not in names:
+    if first_trainable == "head":
+        frozen = set(names)
+    elif first_trainable is not None and first_trainable not in names:
         raise ValueError(f"unknown layer {first_trainable!r}; the backbone has {names}.")
-    frozen = set(names[: names.index(first_trainable)]) if first_trainable else set()
+    else:
+        frozen = set(names[: names.index(first_trainable)]) if first_trainable else set()
     frozen.add("classifier")
 
     def trainable(path: Path) -> bool:

@@ -23,6 +23,12 @@ def test_split_and_merge_are_inverse_and_freeze_the_early_layers():
     assert set(frozen["params"]["backbone"]) == {"conv1", "classifier"}
     merged = state.merge_variables(params, frozen)
     assert jax.tree.structure(merged) == jax.tree.structure(variables)
+    head_only = state.freeze_before(["conv1", "conv2", "classifier"], "head")
+    params, _ = state.split_variables(variables, head_only)
+    assert set(params) == {"gem"}
+    whole = state.freeze_before(["conv1", "conv2", "classifier"], None)
+    params, _ = state.split_variables(variables, whole)
+    assert set(params["backbone"]) == {"conv1", "conv2"}
     with pytest.raises(ValueError, match="unknown layer 'conv9'"):
         state.freeze_before(["conv1"], "conv9")
 
