@@ -286,7 +286,11 @@ def _make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path):
     task = config.get("task", "retrieval")
     if task == "retrieval":
         return RetrievalTask(config, workdir)
-    raise ValueError(f"unknown task {task!r}; known: retrieval")
+    if task == "delf":
+        from experiments import delf_lib  # Imported here: delf_lib imports this module.
+
+        return delf_lib.DelfTask(config, workdir)
+    raise ValueError(f"unknown task {task!r}; known: retrieval, delf")
 
 
 def train_and_evaluate(

@@ -28,6 +28,7 @@ none here.
 
 import dataclasses
 import functools
+import math
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -227,6 +228,13 @@ class DelfExtractor:
     def feature_stride(self) -> int:
         """Input pixels between descriptor cells at scale 1."""
         return self.field.stride
+
+    @property
+    def min_image_side(self) -> int:
+        """Smallest image side (pixels) that gives features at the largest scale."""
+        return math.ceil(
+            self.settings.min_map_cells * self.field.stride / max(self.settings.scales)
+        )
 
     def load(self, path: str | os.PathLike, *, box=None) -> np.ndarray:
         """Reads an RGB image shrunk (never enlarged) to ``max_side``, cropped to ``box``.

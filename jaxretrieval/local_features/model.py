@@ -57,8 +57,8 @@ class DelfConfig:
       feature_name: The feature map whose cells are the local descriptors.
       num_classes: Classes of both classifiers (the training scenes).
       attention_hidden: Channels of the attention head's first 1x1 convolution.
-      max_side: Longer image side, in pixels, at pyramid scale 1 (training canvas size,
-        and the default extraction size).
+      max_side: Default longer image side, in pixels, at pyramid scale 1 of the
+        extraction (training uses its own canvas size).
       keypoint_score: How extraction ranks locations by default: ``"attention"`` (a
         model whose attention stage is trained) or ``"l2_norm"`` (before it).
       pca_dim: Size of the descriptors after the learned PCA (``variables["pca"]``);

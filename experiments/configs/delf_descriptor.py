@@ -1,0 +1,97 @@
+r"""DELF stage 1, descriptor fine-tuning: MobileNetV2 stage3 + classifier over 293 scenes.
+
+  python -m experiments.train --config experiments/configs/delf_descriptor.py \
+      --workdir checkpoints/delf_descriptor_mobilenet_v2
+
+Then stage 2 (experiments/configs/delf_attention.py) from this work directory, then the
+PCA (python -m experiments.delf_pca). ``:smoke`` shrinks everything (2 steps, 8 scenes,
+64 px) for tests/experiments/test_delf.py.
+
+The local descriptors are the cells of MobileNetV2's stage3 (block 13: stride 16, 96
+channels, 267 px receptive field, like ResNet50's conv4 in the paper). The masked
+spatial mean of that map feeds a dense classifier over the training scenes of
+smvs_train (293 classes, 736 photos), trained with softmax cross-entropy and label
+smoothing 0.1; blocks 7-13 (everything at stride 16) train, earlier blocks and
+everything after the map stay frozen, BatchNorm statistics frozen.
+
+Hardware: 2 CPU cores. Expected: about 30-45 minutes (30 epochs of 686 images at
+224 px, ~2,600 steps). Validation: accuracy on 50 held-out photos (one per 5-photo
+scene); untuned settings, no measured run yet.
+"""
+
+import ml_collections
+
+from experiments.configs import smvs_mobilenet_v2
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    if arg not in (None, "smoke"):
+        raise ValueError(f"unknown argument {arg!r}; use none or 'smoke'")
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.task = "delf"
+    config.log_every_steps = 10
+
+    config.delf = ml_collections.ConfigDict()
+    config.delf.stage = "descriptor"
+    config.delf.feature_name = "stage3"
+    config.delf.attention_hidden = 512  # the paper's width
+    config.delf.max_side = 512  # default extraction size of the exported model
+    config.delf.label_smoothing = 0.1
+    config.delf.validation_min_scene_size = 3
+
+    config.model = ml_collections.ConfigDict()
+    config.model.backbone = "mobilenet_v2"
+    config.model.first_trainable = "block7"
+    config.model.init_checkpoint = ml_collections.config_dict.placeholder(str)
+
+    config.data = ml_collections.ConfigDict()
+    config.data.source = "csv"
+    config.data.path = str(smvs_mobilenet_v2.SHARED_DATA / "smvs_train" / "labels.csv")
+    config.data.max_scenes = ml_collections.config_dict.placeholder(int)
+    config.data.image_size = 224
+    config.data.workers = 2
+    config.data.augment = ml_collections.ConfigDict()
+    config.data.augment.min_scale = 0.7
+    config.data.augment.crop_fraction = 0.8
+    config.data.augment.flip = False
+    config.data.augment.color_jitter = 0.1
+    config.data.augment.homography_jitter = 0.0  # single images are never warped
+
+    config.optim = ml_collections.ConfigDict()
+    config.optim.batch_size = 8
+    config.optim.num_epochs = 30
+    config.optim.learning_rate = 3e-4
+    config.optim.weight_decay = 1e-4
+    config.optim.gem_p_learning_rate_multiplier = 1.0  # no GeM in DELF
+    config.optim.schedule = "cosine"
+    config.optim.warmup_steps = 100
+    config.optim.accumulation_steps = 1
+    config.optim.clip_norm = ml_collections.config_dict.placeholder(float)
+
+    config.checkpoint = ml_collections.ConfigDict()
+    config.checkpoint.every_steps = 100
+    config.checkpoint.keep = 2
+
+    config.eval = ml_collections.ConfigDict()
+    config.eval.every_steps = 170  # every 2 epochs
+    if arg == "smoke":
+        shrink_for_smoke(config)
+    return config
+
+
+def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
+    """2 steps on 8 scenes of smvs_train at 64 px (8 training + 8 held-out images)."""
+    config.log_every_steps = 1
+    config.delf.attention_hidden = 16
+    config.delf.max_side = 128
+    config.delf.validation_min_scene_size = 2
+    config.model.first_trainable = "block12"
+    config.data.max_scenes = 8
+    config.data.image_size = 64
+    config.data.workers = 1
+    config.optim.batch_size = 4
+    config.optim.num_epochs = 1
+    config.optim.warmup_steps = 0
+    config.checkpoint.every_steps = 1
+    config.eval.every_steps = 2

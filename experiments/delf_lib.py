@@ -1,0 +1,617 @@
+"""DELF in the experiments: its two training stages, its PCA, matching and re-ranking.
+
+Training runs through the one training loop (:func:`experiments.train_lib.train_and_evaluate`)
+with ``config.task = "delf"``: :class:`DelfTask` answers the loop's questions for either
+stage (``config.delf.stage``):
+
+* ``"descriptor"`` (stage 1, descriptor fine-tuning): the backbone layers from
+  ``model.first_trainable`` up to the local-descriptor map, and the global-pooling
+  classifier, train with :func:`jaxretrieval.losses.classification_loss` (optional label
+  smoothing) over the training scenes as classes;
+* ``"attention"`` (stage 2): starting from a stage-1 model (``model.init_checkpoint``),
+  only the attention head and its classifier train; the backbone is frozen.
+
+Validation is the classification accuracy (and loss) of the stage's classifier on
+held-out images of the training scenes: one image of each scene with at least
+``delf.validation_min_scene_size`` images (smvs_train: 50 scenes of 5 photos) never
+trains, so the curves measure generalisation to new photos of known scenes, cheaply.
+Retrieval quality is measured afterwards on the evaluation sets
+(:func:`evaluate_delf`). The export is a DELF model directory (``"kind": "delf"``).
+
+The rest serves the CLIs and benchmarks: :func:`learn_model_pca` (for
+``python -m experiments.delf_pca``), :func:`match_pair` (``python -m experiments.match
+--method delf``), :func:`delf_rerank` and :func:`delf_query_expansion_ranks` (re-ranking
+a global ranking by DELF inliers, and the seed's global + DELF + QE row),
+:func:`evaluate_delf` and :func:`save_attention_maps`.
+"""
+
+import dataclasses
+import functools
+import pathlib
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from experiments import evaluate_lib, train_lib
+from jaxretrieval import losses, model_io, query_expansion, similarity
+from jaxretrieval.data import labelled as labelled_lib
+from jaxretrieval.data import training_pipeline
+from jaxretrieval.local_features import (
+    DELF_ERROR_THRESHOLD,
+    DELF_MAX_DISTANCE,
+    DelfConfig,
+    DelfExtractor,
+    DelfFeatures,
+    Reranking,
+    init_delf_variables,
+    learn_descriptor_pca,
+    make_delf_model,
+    pca_variables,
+    rerank_shortlist,
+    verify_pair,
+)
+from jaxretrieval.training import state
+
+STAGES = ("descriptor", "attention")
+METHODS = ("delf", "delf+qe")
+
+
+def held_out_images(
+    images: labelled_lib.LabelledImages, *, min_scene_size: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(training, validation)`` image indices: one held-out image per large scene.
+
+    Every scene with at least ``min_scene_size`` images gives one image (drawn with the
+    seed) to validation; all scenes keep at least ``min_scene_size - 1`` training
+    images, so every class is trained.
+
+    Raises:
+      ValueError: ``min_scene_size < 2`` (a scene would lose its only image).
+    """
+    if min_scene_size < 2:
+        raise ValueError(f"validation_min_scene_size must be >= 2, found {min_scene_size}.")
+    rng = np.random.default_rng(seed)
+    held_out = [
+        int(rng.choice(images.images_of_scene(scene)))
+        for scene in range(images.num_scenes)
+        if images.scene_sizes[scene] >= min_scene_size
+    ]
+    validation = np.sort(np.asarray(held_out, np.int64))
+    training = np.setdiff1d(np.arange(len(images)), validation)
+    return training, validation
+
+
+def descriptor_trainable(
+    config: DelfConfig, first_trainable: str | None
+) -> Callable[[tuple[str, ...]], bool]:
+    """Stage 1's trainable parameters: the classifier and the backbone up to the map.
+
+    Backbone layers from ``first_trainable`` to the descriptor map's last layer train;
+    later layers never influence the descriptors and would only be shrunk by weight
+    decay, so they stay frozen.
+
+    Raises:
+      ValueError: ``first_trainable`` is not a backbone layer before the map.
+    """
+    names = state.backbone_layer_names(config.spec.module())
+    last = names.index(config.last_backbone_layer)
+    usable = names[: last + 1]
+    if first_trainable is not None and first_trainable not in usable:
+        raise ValueError(
+            f"model.first_trainable={first_trainable!r} must be one of the backbone layers "
+            f"before {config.feature_name}: {usable}."
+        )
+    start = 0 if first_trainable is None else usable.index(first_trainable)
+    trained = set(usable[start:])
+
+    def trainable(path: tuple[str, ...]) -> bool:
+        if path[0] == "descriptor_classifier":
+            return True
+        return path[0] == "backbone" and path[1] in trained
+
+    return trainable
+
+
+def attention_trainable(path: tuple[str, ...]) -> bool:
+    """Stage 2: the attention head and its classifier only."""
+    return path[0] in ("attention", "attention_classifier")
+
+
+def classification_batch_loss(model, logits_key: str, label_smoothing: float):
+    """``(variables, batch) -> loss`` for single labelled images (``image``, ``label``)."""
+
+    def batch_loss(variables, batch):
+        out = model.apply(variables, batch["image"], batch["image_size"])
+        return losses.classification_loss(
+            out[logits_key], batch["label"], label_smoothing=label_smoothing
+        )
+
+    return batch_loss
+
+
+class DelfTask:
+    """One DELF training stage for :func:`experiments.train_lib.train_and_evaluate`.
+
+    Raises:
+      ValueError: An unknown stage, an attention stage without ``model.init_checkpoint``,
+        or a stage-1 model trained on another number of scenes.
+    """
+
+    def __init__(self, config: ml_collections.ConfigDict, workdir: pathlib.Path):
+        self.config = config
+        self.workdir = workdir
+        delf = config.delf
+        if delf.stage not in STAGES:
+            raise ValueError(f"delf.stage must be one of {STAGES}, found {delf.stage!r}.")
+        self.stage = delf.stage
+        self.images = train_lib.load_training_images(config.data)
+        train_lib.check_training_images(self.images)
+        self.train_indices, self.validation_indices = held_out_images(
+            self.images, min_scene_size=delf.validation_min_scene_size, seed=config.seed
+        )
+        num_classes = self.images.num_scenes
+        init_checkpoint = config.model.get("init_checkpoint")
+        if self.stage == "descriptor":
+            self.delf_config = DelfConfig(
+                backbone=config.model.backbone,
+                feature_name=delf.feature_name,
+                num_classes=num_classes,
+                attention_hidden=delf.attention_hidden,
+                max_side=delf.max_side,
+                keypoint_score="l2_norm",  # no trained attention yet
+            )
+            if init_checkpoint:
+                raise ValueError(
+                    "the descriptor stage starts from ImageNet weights; model.init_checkpoint "
+                    "is for the attention stage."
+                )
+            self.initial_variables = init_delf_variables(self.delf_config, seed=config.seed)
+            self.trainable = descriptor_trainable(self.delf_config, config.model.first_trainable)
+            self.logits_key = "descriptor_logits"
+        else:
+            if not init_checkpoint:
+                raise ValueError(
+                    "the attention stage starts from a descriptor-stage model: set "
+                    "--config.model.init_checkpoint=<stage-1 work directory>."
+                )
+            loaded, self.initial_variables = model_io.load_delf_model(init_checkpoint)
+            if loaded.num_classes != num_classes:
+                raise ValueError(
+                    f"{init_checkpoint} was trained on {loaded.num_classes} scenes but the "
+                    f"training data has {num_classes}; train both stages on the same data."
+                )
+            self.delf_config = dataclasses.replace(loaded, keypoint_score="attention")
+            self.trainable = attention_trainable
+            self.logits_key = "attention_logits"
+        self.model = make_delf_model(self.delf_config, freeze_batch_stats=True)
+        self.batch_loss = classification_batch_loss(
+            self.model, self.logits_key, delf.label_smoothing
+        )
+        self.steps_per_epoch = len(self.train_indices) // config.optim.batch_size
+        self.images_per_batch = config.optim.batch_size
+        self._logits = jax.jit(
+            lambda variables, images, sizes: self.model.apply(variables, images, sizes)[
+                self.logits_key
+            ]
+        )
+
+    def _dataset(self, indices: np.ndarray, epoch: int, augmentation):
+        spec = self.delf_config.spec
+        return training_pipeline.single_image_dataset(
+            self.images,
+            indices,
+            augmentation=augmentation,
+            mean=spec.input_mean,
+            std=spec.input_std,
+            seed=self.config.seed,
+            epoch=epoch,
+        )
+
+    def epoch_dataset(self, epoch: int, variables) -> Any:
+        """The training images in a seeded order of their own per epoch, augmented."""
+        del variables  # classification needs no mining
+        order = np.random.default_rng([self.config.seed, epoch]).permutation(self.train_indices)
+        return self._dataset(order, epoch, train_lib._augmentation(self.config.data))
+
+    def log_extras(self) -> dict[str, Any]:
+        """Nothing per epoch."""
+        return {}
+
+    def validate(self, variables) -> dict[str, float]:
+        """Accuracy and loss of the stage's classifier on the held-out images ({} if none)."""
+        if not len(self.validation_indices):
+            return {}
+        size = self.config.data.image_size
+        dataset = self._dataset(
+            self.validation_indices, 0, training_pipeline.Augmentation.none(size)
+        )
+        batch = self.config.optim.batch_size
+        correct, total_loss = 0, 0.0
+        for start in range(0, len(dataset), batch):
+            items = [dataset[i] for i in range(start, min(start + batch, len(dataset)))]
+            count = len(items)
+            items += [items[-1]] * (batch - count)  # a fixed batch shape: one compile
+            images = np.stack([item["image"] for item in items])
+            sizes = np.stack([item["image_size"] for item in items])
+            labels = np.array([int(item["label"]) for item in items[:count]])
+            logits = np.asarray(self._logits(variables, images, sizes), np.float64)[:count]
+            correct += int(np.sum(np.argmax(logits, axis=1) == labels))
+            log_probs = logits - logits.max(axis=1, keepdims=True)
+            log_probs -= np.log(np.exp(log_probs).sum(axis=1, keepdims=True))
+            total_loss += float(-log_probs[np.arange(count), labels].sum())
+        num = len(self.validation_indices)
+        return {"validation_accuracy": correct / num, "validation_loss": total_loss / num}
+
+    def export(self, directory: pathlib.Path, variables, metadata: dict[str, Any]) -> None:
+        """A DELF model directory (``load_delf_model``, ``--method delf --checkpoint``)."""
+        model_io.save_model(
+            directory, self.delf_config, variables, metadata={**metadata, "stage": self.stage}
+        )
+
+
+# --------------------------------------------------------------------------------- PCA
+
+
+def learn_model_pca(
+    config: DelfConfig,
+    variables: dict[str, Any],
+    paths: Sequence[str],
+    *,
+    dim: int = 40,
+    whitening: bool = False,
+    settings=None,
+    progress: Callable[[Sequence[str]], Sequence[str]] | None = None,
+) -> tuple[DelfConfig, dict[str, Any], dict[str, Any]]:
+    """A DELF model with a PCA learned on the raw descriptors of ``paths``.
+
+    Every keypoint the model extracts from the images (without PCA) is a sample; the
+    PCA is :func:`jaxretrieval.local_features.learn_descriptor_pca`.
+
+    Args:
+      config: The trained DELF model (its PCA, if any, is replaced).
+      variables: Its variables.
+      paths: Training images (never evaluation images).
+      dim: Output dimension (the paper's 40).
+      whitening: Whiten too (the authors' ``use_whitening``).
+      settings: :class:`~jaxretrieval.local_features.DelfSettings` of the extraction.
+      progress: Optional wrapper of the path list (e.g. ``tqdm``).
+
+    Returns:
+      ``(config, variables, facts)``: the model with ``pca_dim``/``pca_whitening`` set
+      and a ``pca`` collection, and facts for its metadata (images, samples, explained
+      variance).
+    """
+    raw_config = dataclasses.replace(config, pca_dim=None, pca_whitening=False)
+    raw_variables = {k: v for k, v in variables.items() if k != "pca"}
+    kwargs = {} if settings is None else {"settings": settings}
+    extractor = DelfExtractor(raw_config, raw_variables, **kwargs)
+    samples = []
+    for path in progress(paths) if progress else paths:
+        features = extractor(extractor.load(path))
+        samples.append(features.descriptors[features.valid])
+    descriptors = np.concatenate(samples)
+    pca = learn_descriptor_pca(descriptors, dim=dim, whitening=whitening)
+    unit = descriptors / np.maximum(np.linalg.norm(descriptors, axis=1, keepdims=True), 1e-6)
+    centred = unit - unit.mean(axis=0)
+    total = float(np.sum(centred * centred))
+    kept = np.asarray(pca.projection, np.float64)
+    if whitening:  # measure the variance the kept directions carry, not the whitened one
+        kept = kept / np.linalg.norm(kept, axis=1, keepdims=True)
+    explained = float(np.sum((centred @ kept.T) ** 2)) / max(total, 1e-12)
+    facts = {
+        "pca_images": len(paths),
+        "pca_samples": int(descriptors.shape[0]),
+        "pca_explained_variance": explained,
+    }
+    new_config = dataclasses.replace(config, pca_dim=dim, pca_whitening=whitening)
+    return new_config, {**raw_variables, "pca": pca_variables(pca)}, facts
+
+
+# ---------------------------------------------------------------------------- matching
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchSettings:
+    """Putative matching and RANSAC of DELF features (the authors' values by default).
+
+    Attributes:
+      max_distance: Largest descriptor distance of a mutual nearest neighbour (0.8).
+      max_ratio: Lowe's ratio bound, or None.
+      error_threshold: RANSAC inlier distance in image pixels (20).
+      num_hypotheses: RANSAC triples per pair (the authors' 1000 trials).
+      refinement_steps: Least-squares local-optimisation rounds.
+      seed: Seed of the RANSAC key.
+    """
+
+    max_distance: float | None = DELF_MAX_DISTANCE
+    max_ratio: float | None = None
+    error_threshold: float = DELF_ERROR_THRESHOLD
+    num_hypotheses: int = 1000
+    refinement_steps: int = 3
+    seed: int = 0
+
+    def verify_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`jaxretrieval.local_features.verify_pair`."""
+        return {
+            "max_distance": self.max_distance,
+            "max_ratio": self.max_ratio,
+            "error_threshold": self.error_threshold,
+            "num_hypotheses": self.num_hypotheses,
+            "refinement_steps": self.refinement_steps,
+        }
+
+
+@functools.cache
+def _jitted_verify(settings: MatchSettings):
+    kwargs = settings.verify_kwargs()
+    return jax.jit(lambda a, b, key: verify_pair(a, b, key=key, **kwargs))
+
+
+def match_pair(
+    features_a: DelfFeatures, features_b: DelfFeatures, settings: MatchSettings = MatchSettings()
+) -> dict[str, Any]:
+    """Verifies two images' DELF features; plain NumPy results (as ``match_lib``'s).
+
+    Returns:
+      ``num_inliers``, ``num_tentative`` (mutual matches), ``transform`` (2, 3) from a
+      to b, and ``points_a`` / ``points_b``, the inliers' locations ((n, 2) each).
+    """
+    verify = _jitted_verify(settings)
+    result, matches = verify(features_a, features_b, jax.random.key(settings.seed))
+    mask = np.asarray(result.inlier_mask)
+    index_a = np.asarray(matches.index_a)[mask]
+    index_b = np.asarray(matches.index_b)[mask]
+    return {
+        "num_inliers": int(result.num_inliers),
+        "num_tentative": int(np.asarray(matches.valid).sum()),
+        "transform": np.asarray(result.transform),
+        "points_a": np.asarray(features_a.locations)[index_a],
+        "points_b": np.asarray(features_b.locations)[index_b],
+    }
+
+
+# -------------------------------------------------------------------------- re-ranking
+
+
+@dataclasses.dataclass(frozen=True)
+class DelfRerankSettings:
+    """Every parameter of DELF re-ranking (recorded with the results).
+
+    Attributes:
+      match: Matching and RANSAC.
+      shortlist: Images verified per query; None verifies the whole database.
+      min_inliers: Fewer inliers than this count as unverified.
+      qe_k: Verified images averaged into the query by ``delf+qe``.
+      qe_alpha: alpha-QE exponent of their global similarities (0 is plain AQE).
+    """
+
+    match: MatchSettings = MatchSettings()
+    shortlist: int | None = 100
+    min_inliers: int = 5
+    qe_k: int = 2
+    qe_alpha: float = 3.0
+
+
+@functools.cache
+def _jitted_rerank(shortlist_size: int, min_inliers: int, match: MatchSettings):
+    kwargs = match.verify_kwargs()
+    return jax.jit(
+        lambda ranks, scores, q, d, key: rerank_shortlist(
+            ranks, scores, q, d, key=key, shortlist_size=shortlist_size,
+            min_inliers=min_inliers, **kwargs,
+        )
+    )  # fmt: skip
+
+
+def delf_rerank(
+    scores: np.ndarray,
+    query_features: DelfFeatures,
+    database_features: DelfFeatures,
+    *,
+    settings: DelfRerankSettings = DelfRerankSettings(),
+    exclude: np.ndarray | None = None,
+) -> tuple[Reranking, np.ndarray]:
+    """Re-orders each query's global shortlist by DELF inliers (one query per call).
+
+    Query ``q`` uses the key ``fold_in(key(seed), q)``, as one call over all queries
+    would (:func:`jaxretrieval.local_features.rerank_shortlist`).
+
+    Args:
+      scores: (Q, N) global similarities.
+      query_features: Stacked DELF features of the queries (leading axis Q).
+      database_features: Stacked DELF features of the database (leading axis N).
+      settings: Matching, shortlist and verification threshold.
+      exclude: (Q,) database index of each query itself (leave-one-out), ranked last
+        and kept off its shortlist, or None.
+
+    Returns:
+      The :class:`Reranking` and the (Q, N) inlier count of every verified pair
+      (database order; -1 where not verified).
+    """
+    scores = np.array(scores, np.float32)
+    num_queries, num_database = scores.shape
+    if exclude is not None:
+        scores[np.arange(num_queries), exclude] = -np.inf
+    global_ranks = np.argsort(-scores, axis=1, kind="stable").astype(np.int32)
+    candidates = num_database - (exclude is not None)
+    size = candidates if settings.shortlist is None else min(settings.shortlist, candidates)
+    rerank = _jitted_rerank(size, settings.min_inliers, settings.match)
+    key = jax.random.key(settings.match.seed)
+    finite = np.where(np.isfinite(scores), scores, -2.0)
+    ranks, inliers = [], []
+    for q in range(num_queries):
+        one = jax.tree.map(lambda x, q=q: np.asarray(x)[q : q + 1], query_features)
+        result = rerank(
+            global_ranks[q : q + 1], finite[q : q + 1], one, database_features,
+            jax.random.fold_in(key, q),
+        )  # fmt: skip
+        ranks.append(np.asarray(result.ranks))
+        inliers.append(np.asarray(result.shortlist_inliers))
+    reranking = Reranking(np.concatenate(ranks), np.concatenate(inliers))
+    pair_inliers = np.full((num_queries, num_database), -1, np.int64)
+    rows = np.arange(num_queries)[:, None]
+    pair_inliers[rows, reranking.ranks[:, :size]] = reranking.shortlist_inliers
+    return reranking, pair_inliers
+
+
+def delf_query_expansion_ranks(
+    queries: np.ndarray,
+    database: np.ndarray,
+    reranking: Reranking,
+    *,
+    settings: DelfRerankSettings = DelfRerankSettings(),
+    exclude: np.ndarray | None = None,
+) -> np.ndarray:
+    """Global + DELF + QE: verified images first, the rest by a verified-QE query.
+
+    The query's global descriptor is expanded (alpha-QE) with its ``qe_k`` best
+    DELF-verified images (at least ``min_inliers`` inliers) only, so QE never averages
+    in a false positive of the global search; a query with no verified image keeps its
+    descriptor. The final ranking lists the verified images by decreasing inliers
+    (their DELF order), then every other image by similarity to the expanded query.
+
+    Returns:
+      (Q, N) database indices, best first (an excluded image last).
+    """
+    queries = np.asarray(queries, np.float32)
+    database = np.asarray(database, np.float32)
+    ranks = np.asarray(reranking.ranks)
+    inliers = np.asarray(reranking.shortlist_inliers)
+    size = inliers.shape[1]
+    verified = inliers >= settings.min_inliers  # (Q, L), verified images come first
+    expanded = []
+    for q in range(len(queries)):
+        neighbours = ranks[q, :size][verified[q]][: settings.qe_k]
+        if len(neighbours) == 0:
+            expanded.append(queries[q])
+            continue
+        expanded.append(
+            np.asarray(
+                query_expansion.alpha_query_expansion(
+                    queries[q : q + 1], database[neighbours], k=len(neighbours),
+                    alpha=settings.qe_alpha,
+                )
+            )[0]
+        )  # fmt: skip
+    scores = np.asarray(similarity.cosine_similarities(np.stack(expanded), database))
+    if exclude is not None:
+        scores[np.arange(len(queries)), exclude] = -np.inf
+    out = np.empty_like(ranks)
+    for q in range(len(queries)):
+        top = ranks[q, :size][verified[q]]
+        rest = np.argsort(-scores[q], kind="stable")
+        out[q] = np.concatenate([top, rest[~np.isin(rest, top)]])
+    return out
+
+
+def evaluate_delf(
+    dataset,
+    extract: evaluate_lib.ExtractFn,
+    delf_extractor: DelfExtractor,
+    *,
+    protocols: Sequence[str] = ("split",),
+    methods: Sequence[str] = METHODS,
+    settings: DelfRerankSettings = DelfRerankSettings(),
+) -> dict[str, Any]:
+    """Revisited metrics of the global ranking and of its DELF re-rankings.
+
+    Args:
+      dataset: A revisitop-layout dataset.
+      extract: Global descriptors (see :func:`experiments.evaluate_lib.evaluate`).
+      delf_extractor: DELF features (queries cropped to their boxes in ``split``).
+      protocols: ``"split"`` and/or ``"leave_one_out"``.
+      methods: ``"delf"`` (re-rank by inliers) and/or ``"delf+qe"``.
+      settings: Their parameters.
+
+    Returns:
+      ``{"dataset", "rerank_settings", "<protocol>", "<protocol>+<method>"...}`` with
+      revisited metrics, plus ``"<protocol>+delf_inliers"``: the (Q, N) inlier counts.
+    """
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise ValueError(f"unknown DELF methods {sorted(unknown)}; choose from {METHODS}.")
+    rankings = evaluate_lib.rank_protocols(dataset, extract, protocols)
+    results: dict[str, Any] = {
+        "dataset": dataset.name,
+        "rerank_settings": dataclasses.asdict(settings),
+    }
+    for protocol, ranking in rankings.items():
+        results[protocol] = evaluate_lib.score(ranking)
+        if protocol == "split":
+            database = delf_extractor.extract_files(ranking.database_paths)
+            queries = delf_extractor.extract_files(ranking.query_paths, dataset.query_boxes)
+            exclude = None
+        else:
+            database = queries = delf_extractor.extract_files(ranking.query_paths)
+            exclude = np.arange(len(ranking.query_paths))
+        scores = np.asarray(
+            similarity.cosine_similarities(ranking.query_descriptors, ranking.database_descriptors)
+        )
+        reranking, pair_inliers = delf_rerank(
+            scores, queries, database, settings=settings, exclude=exclude
+        )
+        results[f"{protocol}+delf_inliers"] = pair_inliers
+        if "delf" in methods:
+            ranked = dataclasses.replace(ranking, ranks=np.asarray(reranking.ranks))
+            results[f"{protocol}+delf"] = evaluate_lib.score(ranked)
+        if "delf+qe" in methods:
+            ranks = delf_query_expansion_ranks(
+                ranking.query_descriptors,
+                ranking.database_descriptors,
+                reranking,
+                settings=settings,
+                exclude=exclude,
+            )
+            results[f"{protocol}+delf+qe"] = evaluate_lib.score(
+                dataclasses.replace(ranking, ranks=ranks)
+            )
+    return results
+
+
+# ------------------------------------------------------------------------- attention maps
+
+
+def save_attention_maps(
+    extractor: DelfExtractor, paths: Sequence[str], out: str | pathlib.Path
+) -> pathlib.Path:
+    """A PNG with each image beside its keypoint-score map (scale 1), one row per image.
+
+    Shows where the model's attention (or feature norm) sits: on the building or cover,
+    or on sky, street and people.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(paths), 2, figsize=(7, 3 * len(paths)), squeeze=False)
+    for row, path in zip(axes, paths, strict=True):
+        image = extractor.load(path)
+        scores = extractor.score_map(image)
+        row[0].imshow(image)
+        row[0].set_title(pathlib.Path(path).name, fontsize=8)
+        row[1].imshow(image)
+        height, width = image.shape[:2]
+        field = extractor.field  # cell (i, j) is centred at offset + stride * (j, i)
+        low = field.offset - field.stride / 2
+        extent = (
+            low,
+            low + field.stride * scores.shape[1],
+            low + field.stride * scores.shape[0],
+            low,
+        )
+        row[1].imshow(scores, cmap="magma", alpha=0.6, extent=extent, interpolation="bilinear")
+        row[1].set_xlim(0, width)
+        row[1].set_ylim(height, 0)
+        kind = extractor.settings.keypoint_score
+        row[1].set_title(f"{kind} (max {scores.max():.2f})", fontsize=8)
+        for ax in row:
+            ax.axis("off")
+    fig.tight_layout()
+    out = pathlib.Path(out)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,238 @@
+"""DELF through the experiments: both training stages (smoke configs), PCA, match CLI."""
+
+import json
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from experiments import cli, delf_lib, delf_pca, match, train, train_lib
+from jaxretrieval import model_io
+from jaxretrieval.data import labelled
+from jaxretrieval.local_features import (
+    DelfConfig,
+    DelfExtractor,
+    DelfFeatures,
+    DelfSettings,
+    init_delf_variables,
+)
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+DESCRIPTOR = str(REPO / "experiments" / "configs" / "delf_descriptor.py")
+ATTENTION = str(REPO / "experiments" / "configs" / "delf_attention.py")
+
+
+@pytest.fixture(autouse=True)
+def standard_dtype_promotion():
+    """optax's Adam computes ``decay ** count`` (float ** int32), refused by strict mode."""
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def stages(tmp_path_factory, shared_data):
+    """Stage 1 then stage 2 of the smoke configs; their work directories and results."""
+    root = tmp_path_factory.mktemp("delf")
+    with jax.numpy_dtype_promotion("standard"):
+        first = train_lib.train_and_evaluate(
+            train.load_config(f"{DESCRIPTOR}:smoke"), root / "descriptor"
+        )
+        config = train.load_config(f"{ATTENTION}:smoke")
+        train.apply_overrides(config, [f"--config.model.init_checkpoint={root / 'descriptor'}"])
+        second = train_lib.train_and_evaluate(config, root / "attention")
+    return root, first, second
+
+
+def _params(workdir):
+    return model_io.load_delf_model(workdir)
+
+
+def test_descriptor_stage_trains_validates_and_exports(stages):
+    root, result, _ = stages
+    assert result["step"] == 2 and np.isfinite(result["loss"])
+    records = [
+        json.loads(x) for x in (root / "descriptor" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert len([r for r in records if "loss" in r]) == 2
+    assert 0.0 <= result["validation_accuracy"] <= 1.0 and result["validation_loss"] > 0
+    config, variables = _params(root / "descriptor")
+    assert config.num_classes == 8 and config.keypoint_score == "l2_norm"
+    assert config.feature_name == "stage3" and config.pca_dim is None
+    initial = init_delf_variables(config)["params"]["backbone"]
+    trained = variables["params"]["backbone"]
+    frozen = [
+        ("stem", "conv"),  # before first_trainable (block12 in the smoke config)
+        ("block11", "project", "conv"),
+        ("block14", "project", "conv"),  # after the stage3 map (block13)
+        ("last_conv", "conv"),
+    ]
+    for path in frozen:
+        a, b = trained, initial
+        for key in path:
+            a, b = a[key], b[key]
+        np.testing.assert_array_equal(a["kernel"], b["kernel"])
+    a = trained["block13"]["project"]["conv"]["kernel"]
+    assert not np.allclose(a, initial["block13"]["project"]["conv"]["kernel"])
+    assert model_io.read_model_file(root / "descriptor")["metadata"]["stage"] == "descriptor"
+
+
+def test_attention_stage_trains_only_the_head(stages):
+    root, _, result = stages
+    assert result["step"] == 2 and "validation_accuracy" in result
+    first_config, first = _params(root / "descriptor")
+    config, second = _params(root / "attention")
+    assert config.keypoint_score == "attention" and config.num_classes == first_config.num_classes
+    same = jax.tree.map(np.array_equal, first["params"]["backbone"], second["params"]["backbone"])
+    assert all(jax.tree.leaves(same))
+    np.testing.assert_array_equal(
+        first["params"]["descriptor_classifier"]["kernel"],
+        second["params"]["descriptor_classifier"]["kernel"],
+    )
+    assert not np.allclose(
+        first["params"]["attention"]["hidden"]["kernel"],
+        second["params"]["attention"]["hidden"]["kernel"],
+    )
+
+
+def test_attention_stage_needs_a_stage_one_model(tmp_path):
+    config = train.load_config(f"{ATTENTION}:smoke")
+    with pytest.raises(ValueError, match="init_checkpoint=<stage-1 work directory>"):
+        delf_lib.DelfTask(config, tmp_path)
+
+
+def test_delf_pca_cli_and_match_cli(stages, shared_data, tmp_path, capsys):
+    root, _, _ = stages
+    out = tmp_path / "delf_pca"
+    facts = delf_pca.main(
+        ["--checkpoint", str(root / "attention"), "--out", str(out), "--dim", "8"]
+        + ["--train-csv", str(shared_data / "smvs_train" / "labels.csv")]
+        + ["--max-images", "3", "--max-side", "96", "--max-features", "50"]
+    )
+    assert facts["pca_images"] == 3 and 0 < facts["pca_explained_variance"] <= 1
+    config, variables = model_io.load_delf_model(out)
+    assert config.pca_dim == 8 and variables["pca"]["projection"].shape == (8, 96)
+    folder = shared_data / "opencv_box_pair"
+    picture = tmp_path / "m.png"
+    results = match.main(
+        ["--method", "delf", "--checkpoint", str(out), "--out", str(picture)]
+        + [str(folder / "box.png"), str(folder / "box_in_scene.png")]
+        + ["--max-side", "128", "--max-features", "100"]
+    )
+    assert picture.is_file() and len(results) == 1 and results[0][0] >= 0
+    assert "inliers" in capsys.readouterr().out
+    # The other kind of model is refused in one line.
+    with pytest.raises(SystemExit):
+        cli.run(
+            match.main,
+            [str(folder / "box.png"), str(folder / "box.png"), "--checkpoint", str(out)],
+            prog="match",
+        )
+    assert "holds a 'delf' model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.run(
+            match.main,
+            [
+                "--method",
+                "delf",
+                "--pooling",
+                "mac",
+                str(folder / "box.png"),
+                str(folder / "box.png"),
+            ],
+            prog="match",
+        )
+    assert "--pooling has no meaning with --method delf" in capsys.readouterr().err
+
+
+def test_held_out_images_and_trainable_layers(shared_data):
+    images = labelled.from_csv(shared_data / "smvs_train" / "labels.csv")
+    training, validation = delf_lib.held_out_images(images, min_scene_size=3, seed=0)
+    assert len(validation) == 50 and len(training) == 686
+    assert set(images.scenes[training]) == set(range(293))  # every class still trains
+    assert len(set(images.scenes[validation])) == 50
+    trainable = delf_lib.descriptor_trainable(DelfConfig(num_classes=2), "block7")
+    assert trainable(("backbone", "block7", "x")) and trainable(("backbone", "block13", "x"))
+    assert not trainable(("backbone", "block6", "x")) and not trainable(
+        ("backbone", "block14", "x")
+    )
+    assert trainable(("descriptor_classifier", "kernel")) and not trainable(("attention", "x"))
+    with pytest.raises(ValueError, match="before stage3"):
+        delf_lib.descriptor_trainable(DelfConfig(num_classes=2), "block15")
+
+
+def _features(locations, descriptors):
+    num = len(locations)
+    return DelfFeatures(
+        locations=np.asarray(locations, np.float32),
+        descriptors=np.asarray(descriptors, np.float32),
+        scores=np.ones(num, np.float32),
+        scales=np.ones(num, np.float32),
+        valid=np.ones(num, bool),
+    )
+
+
+def test_delf_rerank_and_verified_query_expansion():
+    rng = np.random.default_rng(0)
+    points = rng.uniform(0, 200, (24, 2))
+    words = rng.normal(size=(24, 8))
+    words /= np.linalg.norm(words, axis=1, keepdims=True)
+    query = _features(points, words)
+    copy = _features(points * 1.1 + 5, words)  # the query's scene, moved
+    others = [_features(rng.uniform(0, 200, (24, 2)), rng.normal(size=(24, 8))) for _ in range(3)]
+    database = jax.tree.map(lambda *x: np.stack(x), others[0], copy, others[1], others[2])
+    queries = jax.tree.map(lambda x: x[None], query)
+    scores = np.array([[0.9, 0.2, 0.8, 0.7]], np.float32)  # global search misses the copy
+    settings = delf_lib.DelfRerankSettings(
+        match=delf_lib.MatchSettings(num_hypotheses=32, error_threshold=4.0), qe_k=1
+    )
+    reranking, pair_inliers = delf_lib.delf_rerank(scores, queries, database, settings=settings)
+    assert np.asarray(reranking.ranks).tolist() == [[1, 0, 2, 3]]
+    assert pair_inliers[0, 1] == 24 and np.all(pair_inliers[0] >= 0)
+    globals_q = np.array([[1.0, 0.0, 0.0]], np.float32)
+    globals_db = np.array(
+        [[0.6, 0.8, 0], [0.0, 0.0, 1.0], [0.8, 0.6, 0], [0.0, 1.0, 0]], np.float32
+    )
+    ranks = delf_lib.delf_query_expansion_ranks(globals_q, globals_db, reranking, settings=settings)
+    # The verified copy first; then the rest by the query expanded with the copy.
+    assert ranks.tolist() == [[1, 2, 0, 3]]
+    # Leave-one-out: the query's own row is excluded from the shortlist and ranked last.
+    _, loo_inliers = delf_lib.delf_rerank(
+        scores, queries, database, settings=settings, exclude=np.array([0])
+    )
+    assert loo_inliers[0, 0] == -1
+
+
+def test_evaluate_delf_on_a_small_set(shared_data):
+    from experiments import evaluate_lib
+    from jaxretrieval import extraction
+    from jaxretrieval.data import datasets
+    from jaxretrieval.retrieval_model import ModelConfig
+
+    dataset = datasets.load_dataset(shared_data / "landmarks_mini")
+    extract = extraction.Extractor.pretrained(ModelConfig(max_side=64))
+    delf = DelfExtractor.pretrained(
+        DelfConfig(keypoint_score="l2_norm", max_side=96),
+        DelfSettings(scales=(1.0,), max_features=32),
+    )
+    settings = delf_lib.DelfRerankSettings(match=delf_lib.MatchSettings(num_hypotheses=16))
+    results = delf_lib.evaluate_delf(
+        dataset, lambda p, b=None: extract(p, b, progress=False), delf, settings=settings
+    )
+    for key in ("split", "split+delf", "split+delf+qe"):
+        assert 0.0 < results[key]["medium"]["map"] <= 1.0
+    assert results["split+delf_inliers"].shape == (7, 22)
+    del evaluate_lib
+
+
+def test_delf_pca_help_and_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        delf_pca.parse_args(["--help"])
+    assert exit_info.value.code == 0 and "python -m experiments.delf_pca" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run(
+            delf_pca.main,
+            ["--checkpoint", str(tmp_path), "--train-csv", "x.csv", "--out", str(tmp_path / "o")],
+            prog="delf_pca",
+        )
+    assert exit_info.value.code == 2 and "holds no model.json" in capsys.readouterr().err
