@@ -5,6 +5,8 @@ image at several scales and :func:`activation_local_features` turns the activati
 into fixed-size :class:`LocalFeatures`. Device side (pure JAX, jit + vmap):
 :func:`tentative_correspondences`, :func:`ransac_affine`, :func:`verify_pair`,
 :func:`verify_shortlist`, :func:`rerank_shortlist` and :func:`dsm_diffusion_seeds`.
+:class:`DSMSettings` holds every choice: ``DSMSettings()`` is ours,
+``DSMSettings.published()`` the authors' code (its module docstring lists the sources).
 
 References:
   Simeoni, Avrithis, Chum. Local features and visual words emerge in activations. CVPR 2019.
@@ -39,10 +41,18 @@ from jaxretrieval.spatial_verification.ransac import (
     ransac_affine,
     transfer_errors,
 )
+from jaxretrieval.spatial_verification.settings import (
+    DEFAULT_SCALES,
+    DSMSettings,
+    FeatureSelection,
+)
 
 __all__ = [
+    "DEFAULT_SCALES",
     "Correspondences",
     "DSMFeatureExtractor",
+    "DSMSettings",
+    "FeatureSelection",
     "ImageTooSmallError",
     "LocalFeatures",
     "MSERParams",

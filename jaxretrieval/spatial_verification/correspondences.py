@@ -42,6 +42,8 @@ def check_local_features(name: str, features: LocalFeatures) -> LocalFeatures:
         "channels": (num,),
         "valid": (num,),
     }
+    if features.scale_ids is not None:
+        expected["scale_ids"] = (num,)
     for field, shape in expected.items():
         found = jnp.shape(getattr(features, field))
         if found != shape:
@@ -60,6 +62,9 @@ def check_local_features(name: str, features: LocalFeatures) -> LocalFeatures:
         strengths=strengths,
         channels=validation.as_int_array(f"{name}.channels", features.channels),
         valid=validation.as_mask(f"{name}.valid", features.valid),
+        scale_ids=None
+        if features.scale_ids is None
+        else validation.as_int_array(f"{name}.scale_ids", features.scale_ids),
     )
 
 

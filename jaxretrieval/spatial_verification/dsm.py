@@ -23,40 +23,17 @@ from jaxretrieval.spatial_verification.correspondences import (
 from jaxretrieval.spatial_verification.ransac import VerificationResult, ransac_affine
 
 
-def verify_pair(
+def _verify_merged(
     features_a: LocalFeatures,
     features_b: LocalFeatures,
     *,
-    max_correspondences: int = 512,
-    error_threshold: Scalar = 64.0,
-    max_scale_change: Scalar = 3.0,
-    refinement_steps: int = 3,
-    max_hypotheses: int | None = None,
+    max_correspondences: int,
+    error_threshold: Scalar,
+    max_scale_change: Scalar,
+    refinement_steps: int,
+    max_hypotheses: int | None,
 ) -> tuple[VerificationResult, Correspondences]:
-    """Verifies one image pair: same-channel correspondences, then single-ellipse RANSAC.
-
-    Args:
-      features_a: Local features of image a (one image, leading axis M).
-      features_b: Local features of image b.
-      max_correspondences: P, tentative correspondences kept (static); see
-        :func:`~jaxretrieval.spatial_verification.correspondences.tentative_correspondences`.
-      error_threshold: Inlier distance in image-b pixels (traced). DSM's 2 activation cells
-        at stride 32 is 64 px, the default.
-      max_scale_change: Largest accepted scale change of a hypothesis (DSM: 3).
-      refinement_steps: Least-squares local-optimisation rounds (static).
-      max_hypotheses: Hypotheses tried, from the strongest correspondences (static); None
-        tries every correspondence (DSM).
-
-    Returns:
-      ``(result, correspondences)``: the :class:`VerificationResult` (its ``inlier_mask``
-      indexes the correspondences) and the (P,) correspondences themselves.
-
-    References:
-      Simeoni, Avrithis, Chum. Local features and visual words emerge in activations.
-      CVPR 2019.
-    """
-    features_a = check_local_features("features_a", features_a)
-    features_b = check_local_features("features_b", features_b)
+    """Checked features of one pair, verified as one set each."""
     matches = tentative_correspondences(
         features_a, features_b, max_correspondences=max_correspondences
     )
@@ -72,6 +49,94 @@ def verify_pair(
         max_hypotheses=max_hypotheses,
     )
     return result, matches
+
+
+def _scale_ids(name: str, features: LocalFeatures, num_scales: int) -> Array:
+    if features.scale_ids is not None:
+        return features.scale_ids
+    if num_scales > 1:
+        raise ValueError(
+            f"num_scales={num_scales} pairs features by their scale, but {name}.scale_ids "
+            "is None; extract them with activation_local_features or pass num_scales=None."
+        )
+    return jnp.zeros(features.valid.shape, jnp.int32)
+
+
+def verify_pair(
+    features_a: LocalFeatures,
+    features_b: LocalFeatures,
+    *,
+    max_correspondences: int = 512,
+    error_threshold: Scalar = 64.0,
+    max_scale_change: Scalar = 3.0,
+    refinement_steps: int = 3,
+    max_hypotheses: int | None = None,
+    num_scales: int | None = None,
+) -> tuple[VerificationResult, Correspondences]:
+    """Verifies one image pair: same-channel correspondences, then single-ellipse RANSAC.
+
+    With ``num_scales = S``, each of the S x S pairs (scale i of image a, scale j of
+    image b) is verified on its own, with the features whose ``scale_ids`` are i and j,
+    and the pair with most inliers is returned (ties: the lowest ``i * S + j``). This is
+    DSM's ``ransac_fit.m`` + ``matching_dsm.m``: the image's score is the largest inlier
+    count over scale pairs. The scale pairs are one ``jax.vmap`` (cost S² times one
+    verification), so there is no Python loop on the device. Features with a scale id
+    outside ``[0, S)`` take part in no pair.
+
+    Args:
+      features_a: Local features of image a (one image, leading axis M).
+      features_b: Local features of image b.
+      max_correspondences: P, tentative correspondences kept (static), per scale pair
+        when ``num_scales`` is set; see
+        :func:`~jaxretrieval.spatial_verification.correspondences.tentative_correspondences`.
+      error_threshold: Inlier distance in image-b pixels (traced). DSM's 2 activation cells
+        at stride 32 is 64 px, the default.
+      max_scale_change: Largest accepted scale change of a hypothesis (DSM: 3).
+      refinement_steps: Least-squares local-optimisation rounds (static).
+      max_hypotheses: Hypotheses tried, from the strongest correspondences (static); None
+        tries every correspondence (DSM).
+      num_scales: S (static): verify scale pairs separately (DSM); None verifies all
+        features of each image as one set, whatever their scale (ours). ``num_scales=1``
+        equals None.
+
+    Returns:
+      ``(result, correspondences)``: the :class:`VerificationResult` (its ``inlier_mask``
+      indexes the correspondences) and the (P,) correspondences themselves (indices into
+      the full feature arrays), of the best scale pair when ``num_scales`` is set.
+
+    Raises:
+      ValueError: On malformed features, ``num_scales < 1``, or ``num_scales > 1`` with
+        features that have no ``scale_ids``.
+
+    References:
+      Simeoni, Avrithis, Chum. Local features and visual words emerge in activations.
+      CVPR 2019.
+    """
+    features_a = check_local_features("features_a", features_a)
+    features_b = check_local_features("features_b", features_b)
+    options = dict(
+        max_correspondences=max_correspondences,
+        error_threshold=error_threshold,
+        max_scale_change=max_scale_change,
+        refinement_steps=refinement_steps,
+        max_hypotheses=max_hypotheses,
+    )
+    if num_scales is None:
+        return _verify_merged(features_a, features_b, **options)
+    if num_scales < 1:
+        raise ValueError(f"num_scales must be >= 1 or None, got {num_scales}.")
+    ids_a = _scale_ids("features_a", features_a, num_scales)
+    ids_b = _scale_ids("features_b", features_b, num_scales)
+
+    def one_scale_pair(scale_a, scale_b):
+        a = features_a._replace(valid=features_a.valid & (ids_a == scale_a))
+        b = features_b._replace(valid=features_b.valid & (ids_b == scale_b))
+        return _verify_merged(a, b, **options)
+
+    pairs = jnp.arange(num_scales * num_scales, dtype=jnp.int32)  # (S * S,)
+    results, matches = jax.vmap(one_scale_pair)(pairs // num_scales, pairs % num_scales)
+    best = jnp.argmax(results.num_inliers)  # the first scale pair on ties
+    return jax.tree.map(lambda x: x[best], (results, matches))
 
 
 def distinct_inliers(
@@ -111,6 +176,7 @@ def verify_shortlist(
     max_scale_change: Scalar = 3.0,
     refinement_steps: int = 3,
     max_hypotheses: int | None = None,
+    num_scales: int | None = None,
 ) -> tuple[VerificationResult, Correspondences]:
     """:func:`verify_pair` of one query against L images at once (``jax.vmap``).
 
@@ -122,6 +188,7 @@ def verify_shortlist(
       max_scale_change: See :func:`verify_pair`.
       refinement_steps: See :func:`verify_pair`.
       max_hypotheses: See :func:`verify_pair`.
+      num_scales: See :func:`verify_pair`.
 
     Returns:
       :func:`verify_pair`'s outputs with a leading L axis.
@@ -140,6 +207,7 @@ def verify_shortlist(
             max_scale_change=max_scale_change,
             refinement_steps=refinement_steps,
             max_hypotheses=max_hypotheses,
+            num_scales=num_scales,
         )
 
     return jax.vmap(one)(shortlist_features)
@@ -173,6 +241,7 @@ def rerank_shortlist(
     refinement_steps: int = 3,
     max_hypotheses: int | None = None,
     count_distinct: bool = False,
+    num_scales: int | None = None,
 ) -> Reranking:
     """Re-orders each query's global top-L by DSM inlier counts.
 
@@ -180,8 +249,8 @@ def rerank_shortlist(
     ``min_inliers`` inliers ("verified") come first, by decreasing inlier count, ties broken
     by decreasing global similarity (then by global rank). Unverified images follow in
     their global order, and positions after the shortlist are unchanged. With
-    ``min_inliers=0`` this is DSM's ``matching_dsm.m`` (sort the shortlist by inliers,
-    stable in the global order).
+    ``min_inliers=0`` and ``num_scales`` set this is DSM's ``matching_dsm.m`` (sort the
+    top 100 by their largest inlier count over scale pairs, stable in the global order).
 
     Args:
       global_ranks: Database indices of each query, best first (e.g. from
@@ -199,6 +268,7 @@ def rerank_shortlist(
       max_hypotheses: See :func:`verify_pair`.
       count_distinct: Rank by :func:`distinct_inliers` (each feature counted once) instead
         of the number of inlier correspondences (static).
+      num_scales: See :func:`verify_pair`.
 
     Returns:
       A :class:`Reranking`.
@@ -243,6 +313,7 @@ def rerank_shortlist(
             max_scale_change=max_scale_change,
             refinement_steps=refinement_steps,
             max_hypotheses=max_hypotheses,
+            num_scales=num_scales,
         )
         if not count_distinct:
             return result.num_inliers
@@ -267,43 +338,83 @@ def dsm_diffusion_seeds(
     num_database: int,
     num_seeds: int = 5,
     min_inliers: int = 5,
+    num_candidates: int | None = None,
+    global_scores: Float[AnyArray, "Q N"] | None = None,
 ) -> Float[Array, "Q N"]:
     """Diffusion seeds from the verified images: a plain (Q, N) weight vector per query.
 
-    DSM starts diffusion from the spatially verified images instead of the raw query. Here
-    the seeds of a query are its best ``num_seeds`` images of the re-ranked shortlist that
-    have at least ``min_inliers`` inliers, weighted proportionally to their inlier counts
-    and normalised to sum 1. A query with no verified image falls back to its top-1 image
-    (weight 1), so every row is a valid seed vector. The output is independent of the
-    diffusion implementation (any ``diffusion_scores(graph, seeds)`` taking a (Q, N) seed
-    matrix consumes it).
+    DSM starts diffusion from the spatially verified images instead of the raw query. The
+    candidates of a query are the first ``num_candidates`` images of its re-ranked
+    shortlist (the verified ones come first, by decreasing inliers), each weighted by its
+    inlier count if it has at least ``min_inliers`` (else 0). With ``global_scores``, each
+    weight is multiplied by the image's global similarity to the query (clipped at 0); if
+    that leaves every weight 0, the inlier weights are used alone. The ``num_seeds``
+    largest weights are kept (ties: the earlier candidate), and each row is normalised to
+    sum 1. A query with no verified candidate falls back to its top-1 image (weight 1), so
+    every row is a valid seed vector. The output is independent of the diffusion
+    implementation (any ``diffusion_scores(graph, seeds)`` taking a (Q, N) seed matrix
+    consumes it); diffusion is linear in the seeds, so the normalisation does not change
+    a ranking.
+
+    DSM+D as published (``evaluate.m`` and ``run_diffusion.m``): ``num_candidates=10``
+    (``max_dsm_kq``), ``global_scores`` = the global similarities (``y = y1 .* sim``),
+    ``num_seeds=4`` (``y(id(kq:end)) = 0`` with ``kq = 5`` keeps the 4 largest) and
+    ``min_inliers=0``. Where the authors' code divides by a zero inlier maximum (no
+    candidate with an inlier), this falls back to the top-1 image; the authors' code
+    would keep negative similarities as negative seeds, this clips them to 0.
 
     Args:
       reranking: Output of :func:`rerank_shortlist`.
       num_database: N (static), the database size.
       num_seeds: Largest number of seeds per query (static).
       min_inliers: Smallest inlier count of a seed.
+      num_candidates: Re-ranked images considered as seeds (static); None means
+        ``num_seeds``.
+      global_scores: Optional ``(Q, N)`` global similarities, indexed by database id,
+        that multiply the inlier weights.
 
     Returns:
       ``(Q, N)`` non-negative seed weights, each row summing to 1.
 
     Raises:
-      ValueError: If ``num_seeds < 1`` or ``num_database`` does not match the ranks.
+      ValueError: If ``num_seeds < 1``, ``num_candidates < num_seeds``, or
+        ``num_database`` or ``global_scores`` does not match the ranks.
     """
     ranks = jnp.asarray(reranking.ranks)
     inliers = jnp.asarray(reranking.shortlist_inliers)
     if num_seeds < 1:
         raise ValueError(f"num_seeds must be >= 1, got {num_seeds}.")
+    num_candidates = num_seeds if num_candidates is None else num_candidates
+    if num_candidates < num_seeds:
+        raise ValueError(
+            f"num_candidates must be >= num_seeds = {num_seeds}, got {num_candidates}."
+        )
     if ranks.shape[1] != num_database:
         raise ValueError(
             f"reranking.ranks has {ranks.shape[1]} columns but num_database is {num_database}."
         )
     num_queries, size = inliers.shape
-    k = min(num_seeds, size)
+    k = min(num_candidates, size)
     # The re-ranked shortlist starts with the verified images by decreasing inliers.
     seed_ids = ranks[:, :k]  # (Q, k)
     top_inliers = inliers[:, :k]  # (Q, k)
     weights = jnp.where(top_inliers >= min_inliers, top_inliers, 0).astype(jnp.float32)  # (Q, k)
+    if global_scores is not None:
+        global_scores = validation.as_float_array("global_scores", global_scores, axes="Q N")
+        if global_scores.shape != (num_queries, num_database):
+            raise ValueError(
+                f"global_scores must be (Q, N) = {(num_queries, num_database)}, "
+                f"found {global_scores.shape}."
+            )
+        similarity = jnp.take_along_axis(global_scores, seed_ids, axis=1)  # (Q, k)
+        weighted = weights * jnp.maximum(similarity, 0.0).astype(jnp.float32)  # (Q, k)
+        unweighted = jnp.sum(weighted, axis=1, keepdims=True) == 0  # (Q, 1)
+        weights = jnp.where(unweighted, weights, weighted)
+    if min(num_seeds, k) < k:
+        _, best = jax.lax.top_k(weights, min(num_seeds, k))  # (Q, num_seeds), ties: lower
+        best_rows = jnp.broadcast_to(jnp.arange(num_queries)[:, None], best.shape)
+        keep = jnp.zeros(weights.shape, bool).at[best_rows, best].set(True)  # (Q, k)
+        weights = jnp.where(keep, weights, 0.0)
     none = jnp.sum(weights, axis=1, keepdims=True) == 0  # (Q, 1)
     fallback = jnp.zeros_like(weights).at[:, 0].set(1.0)  # (Q, k): the top-1 image
     weights = jnp.where(none, fallback, weights)

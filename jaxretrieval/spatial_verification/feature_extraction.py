@@ -6,9 +6,12 @@ uses) on one image at several scales and turns the activation maps into fixed-si
 :class:`~jaxretrieval.spatial_verification.LocalFeatures` with
 :func:`~jaxretrieval.spatial_verification.activation_local_features`. Images are read
 through :func:`jaxretrieval.data.images.load_scaled` (never enlarged, as DSM and
-cirtorch's ``imresize``).
+cirtorch's ``imresize``). A :class:`~jaxretrieval.spatial_verification.DSMSettings` chooses
+ours or the published setting; in the published one, query and database images are
+selected differently (``extractor(image, as_query=True)``).
 """
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -25,8 +28,10 @@ from jaxretrieval.spatial_verification.activation_regions import (
     MSERParams,
     activation_local_features,
 )
+from jaxretrieval.spatial_verification.settings import DEFAULT_SCALES, DSMSettings
 
-DEFAULT_SCALES = (1.0, 2**-0.5, 0.5)
+__all__ = ["DEFAULT_SCALES", "DSMFeatureExtractor", "ImageTooSmallError", "MIN_MAP_CELLS"]
+
 # An activation map needs a few cells per side for MSER regions (OpenCV fails on 1x1).
 MIN_MAP_CELLS = 3
 
@@ -38,21 +43,31 @@ class ImageTooSmallError(ValueError):
 class DSMFeatureExtractor:
     """Backbone activation maps at several scales -> DSM local features of one image.
 
+    Either ``settings`` or the single options below choose the features; the single
+    options (the constructor's older interface) change ours, for both image roles.
+
     Args:
       model: The model whose backbone gives the activations.
       variables: Its variables (the backbone's are under ``"backbone"``).
       layer: Feature map to use (default: the model's pooled map).
-      scales: Image scales; each gives one activation map, merged by
-        :func:`~jaxretrieval.spatial_verification.activation_local_features`.
-      max_features: Fixed number of features per image (M).
+      scales: Image scales (default :data:`DEFAULT_SCALES`); each gives one activation
+        map.
+      max_features: Fixed number of features per image (M, default 512).
       mser: MSER settings (default :class:`MSERParams()`).
-      nms_iou: NMS overlap threshold.
+      nms_iou: NMS overlap threshold (default 0.7).
       pad_multiple: Pad each scaled image on the right and bottom to a multiple of this
         many pixels (with the backbone's input mean, i.e. zeros after normalisation, as the
         network's own zero padding) and crop the activation map back to the cells that
         cover the image. Folders of photos have dozens of sizes and every distinct input
         shape costs a compile; buckets of 64 px keep a few. None runs each image at its
         own size.
+      settings: All feature settings at once, e.g.
+        :meth:`DSMSettings.published() <jaxretrieval.spatial_verification.DSMSettings.
+        published>`; None means ``DSMSettings()`` changed by the single options.
+
+    Raises:
+      ValueError: If ``settings`` is given together with ``scales``, ``max_features``,
+        ``mser`` or ``nms_iou``.
     """
 
     def __init__(
@@ -61,21 +76,28 @@ class DSMFeatureExtractor:
         variables: dict[str, Any],
         *,
         layer: str | None = None,
-        scales: Sequence[float] = DEFAULT_SCALES,
-        max_features: int = 512,
+        scales: Sequence[float] | None = None,
+        max_features: int | None = None,
         mser: MSERParams | None = None,
-        nms_iou: float = 0.7,
+        nms_iou: float | None = None,
         pad_multiple: int | None = None,
+        settings: DSMSettings | None = None,
     ):
+        single = dict(scales=scales, max_features=max_features, mser=mser, nms_iou=nms_iou)
+        given = sorted(name for name, value in single.items() if value is not None)
+        if settings is not None and given:
+            raise ValueError(
+                f"pass either settings or {', '.join(given)}; to change a setting, use "
+                "dataclasses.replace on the DSMSettings."
+            )
+        if settings is None:
+            settings = _settings_from_options(**single)
+        self.settings = settings
         self.spec = model.spec
         self.layer = layer or model.resolved_feature_name
         self.feature_stride = retrieval_model.make_model(
             ModelConfig(backbone=model.backbone, feature_name=self.layer)
         ).feature_stride
-        self.scales = tuple(scales)
-        self.max_features = max_features
-        self.mser = MSERParams() if mser is None else mser
-        self.nms_iou = nms_iou
         self.pad_multiple = pad_multiple
         self._pad_value = tuple(255.0 * m for m in self.spec.input_mean)
         backbone_variables = {
@@ -106,6 +128,26 @@ class DSMFeatureExtractor:
         model = ModelConfig(backbone=backbone)
         variables = retrieval_model.init_model_variables(model, weights_path=weights_path)
         return cls(model, variables, **kwargs)
+
+    @property
+    def scales(self) -> tuple[float, ...]:
+        """Image scales of the activation maps."""
+        return self.settings.scales
+
+    @property
+    def max_features(self) -> int:
+        """Features per database image (M; a query's when ``as_query``, usually the same)."""
+        return self.settings.database.max_features
+
+    @property
+    def mser(self) -> MSERParams:
+        """MSER settings."""
+        return self.settings.mser
+
+    @property
+    def nms_iou(self) -> float | None:
+        """NMS threshold of database images."""
+        return self.settings.database.nms_iou
 
     @property
     def min_image_side(self) -> int:
@@ -163,16 +205,63 @@ class DSMFeatureExtractor:
             activations = activations[: -(-height // stride), : -(-width // stride)]
         return activations  # (H', W', C)
 
-    def __call__(self, image: np.ndarray) -> LocalFeatures:
+    def __call__(self, image: np.ndarray, *, as_query: bool = False) -> LocalFeatures:
         """Features of one RGB ``uint8`` image, coordinates in its pixels.
+
+        Args:
+          image: The image.
+          as_query: Select features as for a query image (the settings' ``query``)
+            instead of a database image (``database``). Ours treats both alike; the
+            published setting runs NMS on database images only and budgets 20 features
+            per channel and scale for a query, 10 for a database image.
 
         Raises:
           ImageTooSmallError: The image is too small for the network.
         """
         self.check_size(image)
+        return self._select(self.activation_maps(image), as_query=as_query)
+
+    def query_and_database_features(self, image: np.ndarray) -> tuple[LocalFeatures, LocalFeatures]:
+        """Features of one image as a query and as a database image, one forward pass.
+
+        For leave-one-out protocols, where every image is both. The two are the same
+        object when the settings select both roles alike (ours).
+
+        Raises:
+          ImageTooSmallError: The image is too small for the network.
+        """
+        self.check_size(image)
+        maps = self.activation_maps(image)
+        query = self._select(maps, as_query=True)
+        if self.settings.query == self.settings.database:
+            return query, query
+        return query, self._select(maps, as_query=False)
+
+    def _select(self, maps: list[tuple[np.ndarray, float]], *, as_query: bool) -> LocalFeatures:
+        selection = self.settings.selection(as_query=as_query)
         return activation_local_features(
-            self.activation_maps(image),
-            max_features=self.max_features,
-            mser=self.mser,
-            nms_iou=self.nms_iou,
+            maps, mser=self.settings.mser, **dataclasses.asdict(selection)
         )
+
+
+def _settings_from_options(
+    *,
+    scales: Sequence[float] | None,
+    max_features: int | None,
+    mser: MSERParams | None,
+    nms_iou: float | None,
+) -> DSMSettings:
+    """``DSMSettings()`` with the constructor's single options applied to both roles."""
+    settings = DSMSettings()
+    selection = settings.database
+    if max_features is not None:
+        selection = dataclasses.replace(selection, max_features=max_features)
+    if nms_iou is not None:
+        selection = dataclasses.replace(selection, nms_iou=nms_iou)
+    return dataclasses.replace(
+        settings,
+        scales=settings.scales if scales is None else tuple(scales),
+        mser=settings.mser if mser is None else mser,
+        query=selection,
+        database=selection,
+    )
