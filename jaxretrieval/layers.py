@@ -175,3 +175,36 @@ class AttentionPooling(nn.Module):
         logits = nn.Dense(1, param_dtype=self.param_dtype, name="score")(x)  # (B, H, W, 1)
         scores = nn.softplus(logits[..., 0])  # (B, H, W)
         return attention_pooling(features, scores, valid), scores
+
+
+class DARAC(nn.Module):
+    """DARAC: a learned weighting of regional max and average activations.
+
+    Holds ``region_weights`` of shape ``(R, 2)`` (one weight per region of the fixed
+    grid of :func:`jaxretrieval.pooling.darac_regions` and per part: max, then average),
+    initialised to ones so that before training it is RAMAC's equal-weight sum, and calls
+    :func:`jaxretrieval.pooling.darac_pooling`. The weights are traced: training them
+    never recompiles.
+
+    Attributes:
+      levels: Scale levels of the region grid (3: 21 regions).
+      eps: Added to each regional norm.
+      param_dtype: Dtype of the weights.
+    """
+
+    levels: int = 3
+    eps: float = 1e-6
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(
+        self,
+        features: Float[AnyArray, "B H W C"],
+        valid: Bool[AnyArray, "B H W"] | None = None,
+    ) -> Float[Array, "B C"]:
+        """Pools NHWC ``features`` (optionally masked by ``valid``) into ``(B, C)``."""
+        shape = (pooling.num_darac_regions(self.levels), 2)
+        weights = self.param("region_weights", nn.initializers.ones, shape, self.param_dtype)
+        return pooling.darac_pooling(
+            features, weights, levels=self.levels, eps=self.eps, valid=valid
+        )

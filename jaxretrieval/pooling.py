@@ -7,7 +7,9 @@ the regional (:func:`ramac`) and class-weighted (:func:`cam_weighted`) poolings,
 for bf16 input. An optional boolean ``valid`` mask ``(B, H, W)`` marks the real pixels of
 images padded into one batch, so a padded image pools exactly as it would alone; the
 grid-based :func:`rmac` and :func:`ramac` refuse a mask (a padded image's grid depends on
-its real size), so bucket their inputs by exact map size.
+its real size), so bucket their inputs by exact map size. DARAC's grid
+(:func:`darac_regions`) has a fixed number of regions and is placed on each image's real
+map size inside the traced program, so :func:`darac_regional` accepts a mask.
 
 Shape-like arguments (``levels``, ``num_classes``) are static; float arguments (``p``,
 CroW's ``a`` and ``b``, region weights) are traced, so sweeping them does not recompile.
@@ -317,6 +319,207 @@ def ramac_aggregate(
     return jnp.einsum("br,brd->bd", weights, normalised)
 
 
+# --------------------------------------------------------------------------- DARAC
+
+
+def num_darac_regions(levels: int = 3) -> int:
+    """Regions ``R`` of the DARAC grid: 1 + sum over levels l of l (l + 1); 21 at L = 3."""
+    return 1 + sum(level * (level + 1) for level in range(1, levels + 1))
+
+
+def _darac_layout(levels: int) -> np.ndarray:
+    """Static ``(R, 3)`` rows ``(level, short-axis index, long-axis index)``, region 0 first."""
+    rows = [(0, 0, 0)]
+    for level in range(1, levels + 1):
+        rows += [(level, i, j) for i in range(level) for j in range(level + 1)]
+    return np.asarray(rows, np.int32)  # (R, 3)
+
+
+def darac_regions(map_sizes: Int[AnyArray, "B 2"], *, levels: int = 3) -> Int[Array, "B R 4"]:
+    """The DARAC region grid of each map: a fixed number of regions for every aspect ratio.
+
+    The R-MAC grid (:func:`jaxretrieval.regions.rmac_regions`) with one more square along
+    the long side than along the short side at every level, whatever the aspect ratio:
+    region 0 is the whole map, and level ``l`` (1..levels) adds ``l x (l + 1)`` squares of
+    side ``max(1, floor(2 min(h, w) / (l + 1)))``, spread uniformly with the first flush
+    with the top/left border and the last with the bottom/right one (start positions
+    rounded down). For maps whose aspect ratio makes R-MAC choose one extra square
+    (landscape, ratio in (1, 1.8] at L = 3) this is exactly R-MAC's grid, 21 regions.
+
+    A learned per-region weight needs region ``r`` to mean the same place in every image,
+    so the count never changes: square maps get two coincident level-1 squares, and
+    portrait maps (h > w) use the transposed grid (row ``r`` is then the same position
+    along the long and short axes as in a landscape map). The integer arithmetic is
+    traced, so the sizes may be data: each image of a padded batch gets the grid of its
+    real map size.
+
+    Args:
+      map_sizes: Real ``(height, width)`` of each feature map, in cells (at least 1).
+      levels: Number of scale levels ``L`` (static).
+
+    Returns:
+      Half-open boxes ``(top, left, bottom, right)`` in cells, region 0 the whole map.
+
+    Examples:
+      >>> darac_regions(np.array([[6, 9]]), levels=1)[0].tolist()
+      [[0, 0, 6, 9], [0, 0, 6, 6], [0, 3, 6, 9]]
+    """
+    sizes = validation.as_int_array("darac_regions: map_sizes", map_sizes, axes="B 2")
+    height, width = sizes[:, :1], sizes[:, 1:]  # (B, 1) each
+    portrait = height > width
+    short, long_ = jnp.minimum(height, width), jnp.maximum(height, width)  # (B, 1)
+    layout = _darac_layout(levels)[None]  # (1, R, 3), static
+    level, i, j = layout[..., 0], layout[..., 1], layout[..., 2]  # (1, R) each
+    side = jnp.maximum(2 * short // (level + 1), 1)  # (B, R)
+    whole = jnp.broadcast_to(level == 0, side.shape)  # (B, R)
+    short_extent = jnp.where(whole, short, side)  # (B, R)
+    long_extent = jnp.where(whole, long_, side)
+    # Start k of n along an axis: floor(k * (extent - side) / (n - 1)); zero for region 0.
+    short_start = jnp.where(whole, 0, i * (short - side) // np.maximum(level - 1, 1))
+    long_start = jnp.where(whole, 0, j * (long_ - side) // np.maximum(level, 1))
+    top = jnp.where(portrait, long_start, short_start)  # (B, R)
+    left = jnp.where(portrait, short_start, long_start)
+    bottom = top + jnp.where(portrait, long_extent, short_extent)
+    right = left + jnp.where(portrait, short_extent, long_extent)
+    return jnp.stack([top, left, bottom, right], axis=-1).astype(jnp.int32)  # (B, R, 4)
+
+
+def box_masks(boxes: Int[AnyArray, "B R 4"], height: int, width: int) -> Bool[Array, "B R H W"]:
+    """Masks of half-open ``(top, left, bottom, right)`` boxes on a static ``H x W`` grid."""
+    boxes = jnp.asarray(boxes).astype(jnp.int32)
+    rows = jnp.arange(height, dtype=jnp.int32)[None, None, :, None]  # (1, 1, H, 1)
+    cols = jnp.arange(width, dtype=jnp.int32)[None, None, None, :]  # (1, 1, 1, W)
+    top, left, bottom, right = (boxes[..., k, None, None] for k in range(4))  # (B, R, 1, 1)
+    return (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)  # (B, R, H, W)
+
+
+def _real_map_sizes(valid: Array | None, batch: int, height: int, width: int) -> Array:
+    """``(B, 2)`` real map sizes: rows and columns holding a valid (top-left) cell."""
+    if valid is None:
+        return jnp.broadcast_to(jnp.array([height, width], jnp.int32), (batch, 2))
+    rows = jnp.sum(jnp.any(valid, axis=2), axis=1)  # (B,)
+    cols = jnp.sum(jnp.any(valid, axis=1), axis=1)  # (B,)
+    return jnp.maximum(jnp.stack([rows, cols], axis=-1), 1).astype(jnp.int32)  # (B, 2)
+
+
+def darac_regional(
+    features: Float[AnyArray, "B H W C"],
+    *,
+    levels: int = 3,
+    eps: Scalar = 1e-6,
+    valid: Bool[AnyArray, "B H W"] | None = None,
+) -> Float[Array, "B R 2*C"]:
+    """RAMAC vectors (regional max and average) over the DARAC grid of each image.
+
+    Row ``r`` is ``[mac_r / (|mac_r| + eps), avg_r / (|avg_r| + eps)]`` as in
+    :func:`ramac`, over the regions of :func:`darac_regions` (a fixed ``R``: 21 at
+    ``levels=3``). Unlike :func:`ramac`, padding is supported: with ``valid`` (a top-left
+    rectangle of real cells, as extraction and the training pipeline pad) each image's
+    grid is placed on its real map size, so a padded image gives exactly its unpadded
+    vectors. For a landscape map whose R-MAC grid has 21 regions this equals
+    :func:`ramac`.
+
+    Args:
+      features: Activations, NHWC.
+      levels: Number of scale levels (static).
+      eps: Added to each norm.
+      valid: Optional mask of real (non-padding) cells, a top-left rectangle per image.
+
+    Returns:
+      Regional vectors, max half first, average half second.
+
+    References:
+      DARAC: learned region weighting over regional average and max activations (the
+      project's DARAC poster; Schall, Barthel, Hezel, Jung, MMSP 2019).
+    """
+    features, valid = _check_features("darac_regional", features, valid)
+    batch, height, width, _ = features.shape
+    boxes = darac_regions(_real_map_sizes(valid, batch, height, width), levels=levels)
+    masks = box_masks(boxes, height, width)  # (B, R, H, W)
+    weights = masks.astype(features.dtype)
+    counts = jnp.sum(weights, axis=(2, 3))[..., None]  # (B, R, 1), at least 1 cell
+    means = (
+        jnp.einsum("brhw,bhwc->brc", weights, features, precision=lax.Precision.HIGHEST) / counts
+    )  # (B, R, C)
+    # One masked max per region keeps memory at one feature map (R x that for a vmap).
+    maxima = jnp.stack(
+        [
+            jnp.max(jnp.where(masks[:, r, :, :, None], features, -jnp.inf), axis=(1, 2))
+            for r in range(masks.shape[1])
+        ],
+        axis=1,
+    )  # (B, R, C)
+    maxima = maxima / (_safe_norm(maxima) + eps)
+    means = means / (_safe_norm(means) + eps)
+    return jnp.concatenate([maxima, means], axis=-1)  # (B, R, 2C)
+
+
+def darac(
+    regional: Float[AnyArray, "B R D"], region_weights: Float[AnyArray, "R 2"]
+) -> Float[Array, "B C"]:
+    """DARAC's learned aggregation: one weight per region and per part (max, average).
+
+    ``sum_r w[r, 0] * max_r + w[r, 1] * avg_r``: the max and average halves of each
+    regional vector (as :func:`darac_regional` or :func:`ramac` give them, each already
+    L2-normalised) are summed into one ``C``-dimensional vector, not concatenated, so the
+    descriptor keeps the backbone's width. Not L2-normalised. Equal weights give RAMAC's
+    fixed aggregation of both parts.
+
+    Args:
+      regional: Regional vectors, max half first.
+      region_weights: ``w``, traced (learned); any sign.
+
+    Returns:
+      Aggregated descriptors.
+
+    Raises:
+      ValueError: For an odd last axis or weights that do not match the regions.
+    """
+    regional = validation.as_float_array("darac: regional", regional, axes="B R D")
+    batch, num_regions, dim = regional.shape
+    if dim % 2:
+        raise ValueError(f"darac: regional vectors must be [max, avg] halves, found {dim}.")
+    weights = jnp.asarray(region_weights)
+    if weights.shape != (num_regions, 2):
+        raise ValueError(
+            f"darac: region_weights must have shape (R, 2) = ({num_regions}, 2) for "
+            f"regional vectors {regional.shape}, found {weights.shape}."
+        )
+    weights = weights.astype(regional.dtype)
+    channels = dim // 2
+    maxima, means = regional[..., :channels], regional[..., channels:]  # (B, R, C) each
+    return jnp.einsum("r,brc->bc", weights[:, 0], maxima) + jnp.einsum(
+        "r,brc->bc", weights[:, 1], means
+    )
+
+
+def darac_pooling(
+    features: Float[AnyArray, "B H W C"],
+    region_weights: Float[AnyArray, "R 2"] | None = None,
+    *,
+    levels: int = 3,
+    eps: Scalar = 1e-6,
+    valid: Bool[AnyArray, "B H W"] | None = None,
+) -> Float[Array, "B C"]:
+    """:func:`darac` of :func:`darac_regional`: the DARAC descriptor of feature maps.
+
+    Args:
+      features: Activations, NHWC.
+      region_weights: Learned ``(R, 2)`` weights; None gives equal weights (DARAC's
+        initialisation: RAMAC's sum of both parts over the fixed grid).
+      levels: Number of scale levels (static).
+      eps: Added to each regional norm.
+      valid: Optional mask of real (non-padding) cells.
+
+    Returns:
+      Descriptors, not L2-normalised.
+    """
+    regional = darac_regional(features, levels=levels, eps=eps, valid=valid)
+    if region_weights is None:
+        region_weights = jnp.ones((regional.shape[1], 2), regional.dtype)
+    return darac(regional, region_weights)
+
+
 # --------------------------------------------------------------------------- CroW
 
 
@@ -593,6 +796,9 @@ POOLINGS = {
     "cam": lambda x, valid, p, classifier: cam_aggregate(
         cam_weighted(x, classifier["kernel"], classifier_bias=classifier["bias"], valid=valid)
     ),
+    # DARAC with equal weights (its initialisation). A model's learned weights live in
+    # params["darac"] and are applied by RetrievalModel, as GeM's learned p is.
+    "darac": lambda x, valid, p, classifier: darac_pooling(x, valid=valid),
 }
 REGIONAL_POOLINGS = frozenset({"rmac", "ramac"})
 

@@ -92,10 +92,12 @@ class RetrievalModel(nn.Module):
     """Backbone -> named feature map -> pooling -> L2 -> optional whitening -> L2.
 
     The GeM exponent is a learnable parameter (``params["gem"]["p"]``) when
-    ``pooling == "gem"`` and ``learn_p``; other poolings have no parameters. The whitening
-    layer (``params["whitening"]``, a :class:`~jaxretrieval.layers.WhiteningLayer`) is set
-    from a learned :class:`~jaxretrieval.whitening.Whitening` by :func:`attach_whitening`
-    and can be fine-tuned.
+    ``pooling == "gem"`` and ``learn_p``; DARAC's region weights are
+    ``params["darac"]["region_weights"]`` (:class:`~jaxretrieval.layers.DARAC`); other
+    poolings have no parameters. The whitening layer (``params["whitening"]``, a
+    :class:`~jaxretrieval.layers.WhiteningLayer`) is set from a learned
+    :class:`~jaxretrieval.whitening.Whitening` by :func:`attach_whitening` and can be
+    fine-tuned.
 
     Attributes:
       backbone: A backbone module returning ``(logits, features)``.
@@ -151,6 +153,8 @@ class RetrievalModel(nn.Module):
             )
         if self.pooling == "gem" and self.learn_p:
             pooled = l2_normalize(layers.GeM(p_init=self.p, name="gem")(feature_map, valid))
+        elif self.pooling == "darac":
+            pooled = l2_normalize(layers.DARAC(name="darac")(feature_map, valid))
         else:
             classifier = None
             if self.pooling == "cam":
@@ -230,8 +234,9 @@ def init_model_variables(config: ModelConfig, *, weights_path: str | None = None
     """Variables of a fresh model: pretrained backbone, initialised head.
 
     The backbone's weights are its shipped ImageNet weights or ``weights_path``; GeM's
-    ``p`` starts at ``config.gem_p``; a whitening layer (if ``whitening_dim``) starts as a
-    random projection, to be set by :func:`attach_whitening`.
+    ``p`` starts at ``config.gem_p``; DARAC's region weights at ones; a whitening layer
+    (if ``whitening_dim``) starts as a random projection, to be set by
+    :func:`attach_whitening`.
 
     Raises:
       FileNotFoundError: No weights available offline for this backbone.
@@ -243,6 +248,8 @@ def init_model_variables(config: ModelConfig, *, weights_path: str | None = None
     params = variables.setdefault("params", {})
     if config.pooling == "gem":
         params["gem"] = {"p": np.array(config.gem_p, np.float32)}  # 0-d array, not a scalar
+    if config.pooling == "darac":  # equal weights: RAMAC's fixed aggregation
+        params["darac"] = {"region_weights": np.ones((pooling.num_darac_regions(), 2), np.float32)}
     if config.whitening_dim is not None:
         channels = config.spec.feature_channels * (2 if config.pooling == "ramac" else 1)
         rng = np.random.default_rng(0)

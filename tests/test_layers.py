@@ -101,3 +101,52 @@ def test_WhiteningLayer_raises(without_annotation_checks):
         layers.WhiteningLayer(whitening=learned, dim=4).init(jax.random.key(0), x)
     with pytest.raises(ValueError, match=r"descriptors \(2, 4\) do not fit"):
         layers.WhiteningLayer(whitening=learned).init(jax.random.key(0), np.zeros((2, 4)))
+
+
+def test_DARAC_params_and_shapes():
+    x = _features(np.random.default_rng(5), (2, 4, 6, 3))
+    module = layers.DARAC(levels=1)
+    params = module.init(jax.random.key(0), x)
+    assert jax.tree.map(jnp.shape, params) == {"params": {"region_weights": (3, 2)}}
+    np.testing.assert_array_equal(params["params"]["region_weights"], np.ones((3, 2)))
+    out = jax.jit(module.apply)(params, x)
+    assert out.shape == (2, 3) and out.dtype == jnp.float32
+    default = layers.DARAC().init(jax.random.key(0), x)
+    assert default["params"]["region_weights"].shape == (21, 2)
+
+
+def test_DARAC_matches_functional():
+    rng = np.random.default_rng(6)
+    x = _features(rng, (2, 5, 6, 3))
+    valid = np.zeros((2, 5, 6), bool)
+    valid[0, :4, :6], valid[1, :5, :3] = True, True
+    weights = rng.normal(size=(3, 2)).astype(np.float32)  # any learned value
+    module = layers.DARAC(levels=1, eps=1e-5)
+    apply = jax.jit(module.apply)
+    params = {"params": {"region_weights": jnp.asarray(weights)}}
+    for mask in (None, valid):
+        np.testing.assert_allclose(
+            apply(params, x, mask),
+            pooling.darac_pooling(x, weights, levels=1, eps=1e-5, valid=mask),
+            rtol=1e-6,
+            atol=1e-7,
+        )
+
+
+def test_DARAC_grad_through_weights():
+    rng = np.random.default_rng(7)
+    x = _features(rng, (2, 4, 4, 3)) + 0.1
+    module = layers.DARAC(levels=1)
+    params = module.init(jax.random.key(0), x)
+
+    def loss(params):
+        out = module.apply(params, x)
+        out = out / jnp.linalg.norm(out, axis=1, keepdims=True)
+        return jnp.sum(out[0] * out[1])
+
+    grad = jax.jit(jax.grad(loss))(params)["params"]["region_weights"]
+    assert grad.shape == (3, 2) and np.all(np.isfinite(grad)) and np.any(np.abs(grad) > 1e-6)
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(x, jnp.float64)
+        apply = jax.jit(lambda w: module.apply({"params": {"region_weights": w}}, x64))
+        check_grads(apply, (jnp.asarray(rng.normal(size=(3, 2)), jnp.float64),), 1, ("rev",))

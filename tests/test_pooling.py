@@ -639,3 +639,144 @@ def test_poolings_on_a_batch_sharded_over_devices():
             out = jax.jit(fn)(x_sharded, valid_sharded)
         assert out.sharding.spec[0] == "data", name  # stays sharded over the batch
         np.testing.assert_allclose(out, expected, rtol=1e-6, atol=1e-7, err_msg=name)
+
+
+# --------------------------------------------------------------------------- DARAC
+
+_darac_regional = jax.jit(pooling.darac_regional, static_argnames="levels")
+_darac_pooling = jax.jit(pooling.darac_pooling, static_argnames="levels")
+
+
+@pytest.mark.parametrize("size", [(6, 9), (5, 8), (9, 6), (7, 7), (2, 2), (1, 3), (12, 44)])
+def test_darac_regions_fixed_count_and_rmac_grid(size):
+    height, width = size
+    boxes = np.asarray(pooling.darac_regions(np.array([size])))[0]
+    assert boxes.shape == (pooling.num_darac_regions(), 4) == (21, 4)
+    assert boxes[0].tolist() == [0, 0, height, width]
+    top, left, bottom, right = boxes.T
+    assert np.all((top >= 0) & (left >= 0) & (bottom <= height) & (right <= width))
+    assert np.all((bottom > top) & (right > left))
+    np.testing.assert_array_equal(boxes, ref.darac_regions(height, width))
+    rmac = regions.rmac_regions(height, width)
+    if size in [(6, 9), (5, 8)]:  # R-MAC puts one extra square along the width here
+        np.testing.assert_array_equal(boxes, rmac)
+    if size == (9, 6):  # portrait: the same squares, transposed order
+        assert sorted(map(tuple, boxes.tolist())) == sorted(map(tuple, rmac.tolist()))
+        landscape = np.asarray(pooling.darac_regions(np.array([[6, 9]])))[0]
+        np.testing.assert_array_equal(boxes, landscape[:, [1, 0, 3, 2]])
+
+
+def test_darac_regions_of_traced_sizes_match_each_image():
+    sizes = np.array([[6, 9], [9, 6], [3, 3], [1, 5]], np.int32)
+    batched = jax.jit(pooling.darac_regions, static_argnames="levels")(sizes, levels=2)
+    assert batched.shape == (4, pooling.num_darac_regions(2), 4) == (4, 9, 4)
+    for b, (height, width) in enumerate(sizes.tolist()):
+        np.testing.assert_array_equal(batched[b], ref.darac_regions(height, width, levels=2))
+
+
+@pytest.mark.parametrize("shape", [(1, 3, 3, 2), (2, 5, 7, 4)])
+def test_darac_shapes(shape):
+    x = _features(np.random.default_rng(30), shape)
+    for dtype in (jnp.float32, jnp.bfloat16):
+        regional = _darac_regional(jnp.asarray(x, dtype))
+        assert regional.shape == (shape[0], 21, 2 * shape[3]) and regional.dtype == jnp.float32
+        out = _darac_pooling(jnp.asarray(x, dtype))
+        assert out.shape == (shape[0], shape[3]) and out.dtype == jnp.float32
+
+
+def test_darac_known_values():
+    # A 1x2 map, 2 channels, one level: regions = whole map, left cell, right cell.
+    x = np.array([[[[1.0, 0.0], [0.0, 2.0]]]], np.float32)  # (1, 1, 2, 2)
+    regional = _darac_regional(x, levels=1, eps=0.0)
+    unit = np.array([1.0, 2.0]) / np.sqrt(5.0)  # whole map: max (1, 2), mean (0.5, 1)
+    np.testing.assert_allclose(
+        regional[0], [[*unit, *unit], [1, 0, 1, 0], [0, 1, 0, 1]], rtol=1e-6, atol=1e-7
+    )
+    weights = np.array([[1.0, 0.5], [2.0, 0.0], [0.0, -1.0]], np.float32)
+    expected = 1.5 * unit + np.array([2.0, -1.0])  # worked out by hand
+    np.testing.assert_allclose(pooling.darac(regional, weights)[0], expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        _darac_pooling(x, weights, levels=1, eps=0.0)[0], expected, rtol=1e-6
+    )
+    # Equal weights: RAMAC's sum of both halves over the regions.
+    np.testing.assert_allclose(
+        _darac_pooling(x, levels=1, eps=0.0)[0], 2 * unit + [2.0, 2.0], rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 9, 3), (1, 7, 5, 4), (1, 2, 2, 2)])
+def test_darac_matches_reference(shape):
+    rng = np.random.default_rng(31)
+    x = _features(rng, shape)
+    regional = _darac_regional(x)
+    np.testing.assert_allclose(
+        regional, _reference_batch_plain(ref.darac_regional, x), rtol=1e-5, atol=1e-6
+    )
+    weights = rng.normal(size=(21, 2)).astype(np.float32)
+    np.testing.assert_allclose(
+        _darac_pooling(x, weights),
+        np.stack([ref.darac(ref.darac_regional(x[b]), weights) for b in range(len(x))]),
+        rtol=1e-4,
+        atol=1e-5,
+    )
+
+
+def test_darac_regional_equals_ramac_on_its_21_region_maps():
+    x = _features(np.random.default_rng(32), (2, 6, 9, 3))
+    np.testing.assert_allclose(_darac_regional(x), _ramac(x), rtol=1e-6, atol=1e-7)
+
+
+def test_darac_padded_batch_equals_each_image_alone():
+    rng = np.random.default_rng(33)
+    small, tall = _features(rng, (1, 3, 5, 3)), _features(rng, (1, 6, 4, 3))
+    x = rng.uniform(50.0, 100.0, size=(2, 7, 6, 3)).astype(np.float32)  # garbage padding
+    valid = np.zeros((2, 7, 6), bool)
+    x[0, :3, :5], valid[0, :3, :5] = small[0], True
+    x[1, :6, :4], valid[1, :6, :4] = tall[0], True
+    padded = _darac_regional(x, valid=valid)
+    np.testing.assert_allclose(padded[0], _darac_regional(small)[0], rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(padded[1], _darac_regional(tall)[0], rtol=1e-6, atol=1e-7)
+
+
+def test_darac_jit_matches_eager():
+    x = _features(np.random.default_rng(34), (2, 4, 5, 3))
+    weights = np.random.default_rng(35).normal(size=(3, 2)).astype(np.float32)
+    np.testing.assert_allclose(
+        _darac_pooling(x, weights, levels=1),
+        pooling.darac_pooling(x, weights, levels=1),
+        rtol=1e-6,
+        atol=1e-7,
+    )
+
+
+def test_darac_grad():
+    rng = np.random.default_rng(36)
+    with jax.enable_x64(True):
+        # Distinct positive values: no ties in the regional maxima.
+        x = jnp.asarray(rng.permutation(40).reshape(1, 4, 5, 2) / 10.0 + 0.1, jnp.float64)
+        weights = jnp.asarray(rng.normal(size=(3, 2)), jnp.float64)
+        fn = jax.jit(partial(pooling.darac_pooling, levels=1))
+        check_grads(fn, (x, weights), order=1, modes=("rev",))
+        valid = jnp.asarray(np.arange(5)[None, None, :] < np.array([5, 5, 3, 3])[None, :, None])
+        check_grads(lambda x: fn(x, weights, valid=valid), (x,), order=1, modes=("rev",))
+
+
+def test_darac_in_the_registry_is_equal_weights():
+    x = _features(np.random.default_rng(37), (2, 5, 7, 3))
+    expected = np.asarray(_darac_pooling(x))
+    np.testing.assert_allclose(
+        jax.jit(partial(pooling.global_descriptor, pooling_name="darac"))(x, None),
+        expected / np.linalg.norm(expected, axis=1, keepdims=True),
+        rtol=1e-5,
+    )
+
+
+def test_darac_raises(without_annotation_checks):
+    with pytest.raises(ValueError, match=r"darac_regional: features must have shape"):
+        pooling.darac_regional(np.zeros((4, 4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"\[max, avg\] halves, found 3"):
+        pooling.darac(np.zeros((1, 21, 3), np.float32), np.ones((21, 2), np.float32))
+    with pytest.raises(ValueError, match=r"\(R, 2\) = \(21, 2\) .* found \(21,\)"):
+        pooling.darac(np.zeros((1, 21, 4), np.float32), np.ones(21, np.float32))
+    with pytest.raises(ValueError, match=r"map_sizes must have shape \(B, 2\)"):
+        pooling.darac_regions(np.array([6, 9]))

@@ -83,3 +83,41 @@ def test_errors(without_annotation_checks, images):
         pooling.global_descriptor(jnp.ones((1, 2, 2, 3)), None, pooling_name="cam")
     with pytest.raises(ValueError, match="no feature map 'stage9'"):
         _tiny_model(images, feature_name="stage9")
+
+
+def test_darac_weights_are_trainable_parameters(images):
+    model, variables = _tiny_model(images, pooling="darac")
+    assert variables["params"]["darac"]["region_weights"].shape == (21, 2)
+    weights = np.random.default_rng(0).normal(size=(21, 2)).astype(np.float32)
+    params = {**variables["params"], "darac": {"region_weights": jnp.asarray(weights)}}
+    out = jax.jit(model.apply)({**variables, "params": params}, images)
+    expected = l2_normalize(pooling.darac_pooling(out["features"], weights))
+    np.testing.assert_allclose(out["descriptors"], expected, rtol=1e-5, atol=1e-6)
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, images)
+        return jnp.sum(out["descriptors"][0] * out["descriptors"][1])
+
+    grads = jax.jit(jax.grad(loss))(params)
+    assert float(jnp.abs(grads["darac"]["region_weights"]).sum()) > 0.0
+
+
+def test_darac_model_pools_a_padded_image_as_alone():
+    """The training canvas and extraction buckets pad; DARAC places its grid on the real size."""
+    model = retrieval_model.RetrievalModel(
+        backbone=TinyBackbone(), pooling="darac", feature_stride=2
+    )
+    alone = jax.random.normal(jax.random.key(2), (1, 10, 14, 3), jnp.float32)
+    padded = jnp.zeros((1, 16, 16, 3), jnp.float32).at[:, :10, :14].set(alone)
+    variables = model.init(jax.random.key(1), alone)
+    apply = jax.jit(model.apply)
+    expected = apply(variables, alone)["descriptors"]
+    out = apply(variables, padded, np.array([[10, 14]], np.int32))["descriptors"]
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_init_model_variables_for_darac():
+    config = retrieval_model.ModelConfig(pooling="darac", whitening_dim=16)
+    variables = retrieval_model.init_model_variables(config)
+    np.testing.assert_array_equal(variables["params"]["darac"]["region_weights"], np.ones((21, 2)))
+    assert variables["params"]["whitening"]["kernel"].shape == (1280, 16)

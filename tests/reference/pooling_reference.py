@@ -191,3 +191,49 @@ def cam_weighted(
                 vector += cam[i, j] * x[i, j]
         out.append(vector * channel_weights if channel_weighting else vector)
     return np.stack(out), classes
+
+
+def darac_regions(height, width, levels=3):
+    """DARAC grid as (top, left, bottom, right): R-MAC squares with one extra along the long
+    side at every level, whatever the aspect ratio; the transposed grid for portrait maps."""
+    short, long_ = min(height, width), max(height, width)
+    portrait = height > width
+    boxes = [(0, 0, height, width)]
+    for level in range(1, levels + 1):
+        side = max(1, (2 * short) // (level + 1))
+        for i in range(level):  # along the short side
+            for j in range(level + 1):  # along the long side
+                along_short = 0 if level == 1 else i * (short - side) // (level - 1)
+                along_long = j * (long_ - side) // level
+                top, left = (along_long, along_short) if portrait else (along_short, along_long)
+                boxes.append((top, left, top + side, left + side))
+    return boxes
+
+
+def darac_regional(x, levels=3, eps=1e-6):
+    """[MAC / (|MAC| + eps), mean / (|mean| + eps)] of each DARAC region of one real map."""
+    x = np.asarray(x, np.float64)
+    rows = []
+    for top, left, bottom, right in darac_regions(x.shape[0], x.shape[1], levels):
+        region = x[top:bottom, left:right]
+        maximum, average = mac(region), spoc(region)
+        rows.append(
+            np.concatenate(
+                [
+                    maximum / (np.linalg.norm(maximum) + eps),
+                    average / (np.linalg.norm(average) + eps),
+                ]
+            )
+        )
+    return np.stack(rows)
+
+
+def darac(regional, weights):
+    """sum_r w[r, 0] * max_r + w[r, 1] * avg_r, one region at a time."""
+    regional = np.asarray(regional, np.float64)
+    channels = regional.shape[-1] // 2
+    total = np.zeros(channels)
+    for r in range(regional.shape[0]):
+        total = total + weights[r][0] * regional[r, :channels]
+        total = total + weights[r][1] * regional[r, channels:]
+    return total
