@@ -20,9 +20,9 @@ Retrieval quality is measured afterwards on the evaluation sets
 
 The rest serves the CLIs and benchmarks: :func:`learn_model_pca` (for
 ``python -m experiments.delf_pca``), :func:`match_pair` (``python -m experiments.match
---method delf``), :func:`delf_rerank` and :func:`delf_query_expansion_ranks` (re-ranking
-a global ranking by DELF inliers, and the seed's global + DELF + QE row),
-:func:`evaluate_delf` and :func:`save_attention_maps`.
+--method delf``), :func:`evaluate_delf` (a dataset's global ranking re-ranked by DELF
+inliers, and the seed's global + DELF + QE row, with
+:mod:`experiments.rerank_lib`'s DELF methods) and :func:`save_attention_maps`.
 """
 
 import dataclasses
@@ -35,28 +35,24 @@ import jax
 import ml_collections
 import numpy as np
 
-from experiments import evaluate_lib, train_lib
-from jaxretrieval import losses, model_io, query_expansion, similarity
+from experiments import evaluate_lib, rerank_lib, train_lib
+from jaxretrieval import losses, model_io, similarity
 from jaxretrieval.data import labelled as labelled_lib
 from jaxretrieval.data import training_pipeline
 from jaxretrieval.local_features import (
-    DELF_ERROR_THRESHOLD,
-    DELF_MAX_DISTANCE,
     DelfConfig,
     DelfExtractor,
     DelfFeatures,
-    Reranking,
+    VerificationSettings,
     init_delf_variables,
     learn_descriptor_pca,
     make_delf_model,
     pca_variables,
-    rerank_shortlist,
     verify_pair,
 )
 from jaxretrieval.training import state
 
 STAGES = ("descriptor", "attention")
-METHODS = ("delf", "delf+qe")
 
 
 def held_out_images(
@@ -313,54 +309,30 @@ def learn_model_pca(
 # ---------------------------------------------------------------------------- matching
 
 
-@dataclasses.dataclass(frozen=True)
-class MatchSettings:
-    """Putative matching and RANSAC of DELF features (the authors' values by default).
-
-    Attributes:
-      max_distance: Largest descriptor distance of a mutual nearest neighbour (0.8).
-      max_ratio: Lowe's ratio bound, or None.
-      error_threshold: RANSAC inlier distance in image pixels (20).
-      num_hypotheses: RANSAC triples per pair (the authors' 1000 trials).
-      refinement_steps: Least-squares local-optimisation rounds.
-      seed: Seed of the RANSAC key.
-    """
-
-    max_distance: float | None = DELF_MAX_DISTANCE
-    max_ratio: float | None = None
-    error_threshold: float = DELF_ERROR_THRESHOLD
-    num_hypotheses: int = 1000
-    refinement_steps: int = 3
-    seed: int = 0
-
-    def verify_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments of :func:`jaxretrieval.local_features.verify_pair`."""
-        return {
-            "max_distance": self.max_distance,
-            "max_ratio": self.max_ratio,
-            "error_threshold": self.error_threshold,
-            "num_hypotheses": self.num_hypotheses,
-            "refinement_steps": self.refinement_steps,
-        }
-
-
 @functools.cache
-def _jitted_verify(settings: MatchSettings):
-    kwargs = settings.verify_kwargs()
+def _jitted_verify(settings: VerificationSettings):
+    kwargs = settings.as_kwargs()
     return jax.jit(lambda a, b, key: verify_pair(a, b, key=key, **kwargs))
 
 
 def match_pair(
-    features_a: DelfFeatures, features_b: DelfFeatures, settings: MatchSettings = MatchSettings()
+    features_a: DelfFeatures,
+    features_b: DelfFeatures,
+    settings: VerificationSettings | None = None,
+    *,
+    seed: int = 0,
 ) -> dict[str, Any]:
     """Verifies two images' DELF features; plain NumPy results (as ``match_lib``'s).
+
+    ``settings`` default to the authors' (:class:`VerificationSettings()`); ``seed``
+    makes the RANSAC key.
 
     Returns:
       ``num_inliers``, ``num_tentative`` (mutual matches), ``transform`` (2, 3) from a
       to b, and ``points_a`` / ``points_b``, the inliers' locations ((n, 2) each).
     """
-    verify = _jitted_verify(settings)
-    result, matches = verify(features_a, features_b, jax.random.key(settings.seed))
+    verify = _jitted_verify(settings or VerificationSettings())
+    result, matches = verify(features_a, features_b, jax.random.key(seed))
     mask = np.asarray(result.inlier_mask)
     index_a = np.asarray(matches.index_a)[mask]
     index_b = np.asarray(matches.index_b)[mask]
@@ -373,138 +345,7 @@ def match_pair(
     }
 
 
-# -------------------------------------------------------------------------- re-ranking
-
-
-@dataclasses.dataclass(frozen=True)
-class DelfRerankSettings:
-    """Every parameter of DELF re-ranking (recorded with the results).
-
-    Attributes:
-      match: Matching and RANSAC.
-      shortlist: Images verified per query; None verifies the whole database.
-      min_inliers: Fewer inliers than this count as unverified.
-      qe_k: Verified images averaged into the query by ``delf+qe``.
-      qe_alpha: alpha-QE exponent of their global similarities (0 is plain AQE).
-    """
-
-    match: MatchSettings = MatchSettings()
-    shortlist: int | None = 100
-    min_inliers: int = 5
-    qe_k: int = 2
-    qe_alpha: float = 3.0
-
-
-@functools.cache
-def _jitted_rerank(shortlist_size: int, min_inliers: int, match: MatchSettings):
-    kwargs = match.verify_kwargs()
-    return jax.jit(
-        lambda ranks, scores, q, d, key: rerank_shortlist(
-            ranks, scores, q, d, key=key, shortlist_size=shortlist_size,
-            min_inliers=min_inliers, **kwargs,
-        )
-    )  # fmt: skip
-
-
-def delf_rerank(
-    scores: np.ndarray,
-    query_features: DelfFeatures,
-    database_features: DelfFeatures,
-    *,
-    settings: DelfRerankSettings = DelfRerankSettings(),
-    exclude: np.ndarray | None = None,
-) -> tuple[Reranking, np.ndarray]:
-    """Re-orders each query's global shortlist by DELF inliers (one query per call).
-
-    Query ``q`` uses the key ``fold_in(key(seed), q)``, as one call over all queries
-    would (:func:`jaxretrieval.local_features.rerank_shortlist`).
-
-    Args:
-      scores: (Q, N) global similarities.
-      query_features: Stacked DELF features of the queries (leading axis Q).
-      database_features: Stacked DELF features of the database (leading axis N).
-      settings: Matching, shortlist and verification threshold.
-      exclude: (Q,) database index of each query itself (leave-one-out), ranked last
-        and kept off its shortlist, or None.
-
-    Returns:
-      The :class:`Reranking` and the (Q, N) inlier count of every verified pair
-      (database order; -1 where not verified).
-    """
-    scores = np.array(scores, np.float32)
-    num_queries, num_database = scores.shape
-    if exclude is not None:
-        scores[np.arange(num_queries), exclude] = -np.inf
-    global_ranks = np.argsort(-scores, axis=1, kind="stable").astype(np.int32)
-    candidates = num_database - (exclude is not None)
-    size = candidates if settings.shortlist is None else min(settings.shortlist, candidates)
-    rerank = _jitted_rerank(size, settings.min_inliers, settings.match)
-    key = jax.random.key(settings.match.seed)
-    finite = np.where(np.isfinite(scores), scores, -2.0)
-    ranks, inliers = [], []
-    for q in range(num_queries):
-        one = jax.tree.map(lambda x, q=q: np.asarray(x)[q : q + 1], query_features)
-        result = rerank(
-            global_ranks[q : q + 1], finite[q : q + 1], one, database_features,
-            jax.random.fold_in(key, q),
-        )  # fmt: skip
-        ranks.append(np.asarray(result.ranks))
-        inliers.append(np.asarray(result.shortlist_inliers))
-    reranking = Reranking(np.concatenate(ranks), np.concatenate(inliers))
-    pair_inliers = np.full((num_queries, num_database), -1, np.int64)
-    rows = np.arange(num_queries)[:, None]
-    pair_inliers[rows, reranking.ranks[:, :size]] = reranking.shortlist_inliers
-    return reranking, pair_inliers
-
-
-def delf_query_expansion_ranks(
-    queries: np.ndarray,
-    database: np.ndarray,
-    reranking: Reranking,
-    *,
-    settings: DelfRerankSettings = DelfRerankSettings(),
-    exclude: np.ndarray | None = None,
-) -> np.ndarray:
-    """Global + DELF + QE: verified images first, the rest by a verified-QE query.
-
-    The query's global descriptor is expanded (alpha-QE) with its ``qe_k`` best
-    DELF-verified images (at least ``min_inliers`` inliers) only, so QE never averages
-    in a false positive of the global search; a query with no verified image keeps its
-    descriptor. The final ranking lists the verified images by decreasing inliers
-    (their DELF order), then every other image by similarity to the expanded query.
-
-    Returns:
-      (Q, N) database indices, best first (an excluded image last).
-    """
-    queries = np.asarray(queries, np.float32)
-    database = np.asarray(database, np.float32)
-    ranks = np.asarray(reranking.ranks)
-    inliers = np.asarray(reranking.shortlist_inliers)
-    size = inliers.shape[1]
-    verified = inliers >= settings.min_inliers  # (Q, L), verified images come first
-    expanded = []
-    for q in range(len(queries)):
-        neighbours = ranks[q, :size][verified[q]][: settings.qe_k]
-        if len(neighbours) == 0:
-            expanded.append(queries[q])
-            continue
-        expanded.append(
-            np.asarray(
-                query_expansion.alpha_query_expansion(
-                    queries[q : q + 1], database[neighbours], k=len(neighbours),
-                    alpha=settings.qe_alpha,
-                )
-            )[0]
-        )  # fmt: skip
-    scores = np.asarray(similarity.cosine_similarities(np.stack(expanded), database))
-    if exclude is not None:
-        scores[np.arange(len(queries)), exclude] = -np.inf
-    out = np.empty_like(ranks)
-    for q in range(len(queries)):
-        top = ranks[q, :size][verified[q]]
-        rest = np.argsort(-scores[q], kind="stable")
-        out[q] = np.concatenate([top, rest[~np.isin(rest, top)]])
-    return out
+# -------------------------------------------------------------------------- evaluation
 
 
 def evaluate_delf(
@@ -513,10 +354,13 @@ def evaluate_delf(
     delf_extractor: DelfExtractor,
     *,
     protocols: Sequence[str] = ("split",),
-    methods: Sequence[str] = METHODS,
-    settings: DelfRerankSettings = DelfRerankSettings(),
+    methods: Sequence[str] = rerank_lib.DELF_METHODS,
+    settings: rerank_lib.DelfRerankSettings | None = None,
 ) -> dict[str, Any]:
     """Revisited metrics of the global ranking and of its DELF re-rankings.
+
+    Each image's DELF features are extracted once, and one verification serves both
+    methods (:func:`experiments.rerank_lib.delf_rerank`).
 
     Args:
       dataset: A revisitop-layout dataset.
@@ -524,15 +368,18 @@ def evaluate_delf(
       delf_extractor: DELF features (queries cropped to their boxes in ``split``).
       protocols: ``"split"`` and/or ``"leave_one_out"``.
       methods: ``"delf"`` (re-rank by inliers) and/or ``"delf+qe"``.
-      settings: Their parameters.
+      settings: Their parameters (default ``DelfRerankSettings()``).
 
     Returns:
       ``{"dataset", "rerank_settings", "<protocol>", "<protocol>+<method>"...}`` with
       revisited metrics, plus ``"<protocol>+delf_inliers"``: the (Q, N) inlier counts.
     """
-    unknown = set(methods) - set(METHODS)
+    unknown = set(methods) - set(rerank_lib.DELF_METHODS)
     if unknown:
-        raise ValueError(f"unknown DELF methods {sorted(unknown)}; choose from {METHODS}.")
+        raise ValueError(
+            f"unknown DELF methods {sorted(unknown)}; choose from {rerank_lib.DELF_METHODS}."
+        )
+    settings = settings or rerank_lib.DelfRerankSettings()
     rankings = evaluate_lib.rank_protocols(dataset, extract, protocols)
     results: dict[str, Any] = {
         "dataset": dataset.name,
@@ -550,7 +397,7 @@ def evaluate_delf(
         scores = np.asarray(
             similarity.cosine_similarities(ranking.query_descriptors, ranking.database_descriptors)
         )
-        reranking, pair_inliers = delf_rerank(
+        reranking, pair_inliers = rerank_lib.delf_rerank(
             scores, queries, database, settings=settings, exclude=exclude
         )
         results[f"{protocol}+delf_inliers"] = pair_inliers
@@ -558,7 +405,7 @@ def evaluate_delf(
             ranked = dataclasses.replace(ranking, ranks=np.asarray(reranking.ranks))
             results[f"{protocol}+delf"] = evaluate_lib.score(ranked)
         if "delf+qe" in methods:
-            ranks = delf_query_expansion_ranks(
+            ranks = rerank_lib.delf_query_expansion_ranks(
                 ranking.query_descriptors,
                 ranking.database_descriptors,
                 reranking,

@@ -109,7 +109,12 @@ def _delf(args):
     import dataclasses
 
     from experiments import delf_lib
-    from jaxretrieval.local_features import DelfConfig, DelfExtractor, DelfSettings
+    from jaxretrieval.local_features import (
+        DelfConfig,
+        DelfExtractor,
+        DelfSettings,
+        VerificationSettings,
+    )
 
     meaningless = [
         flag
@@ -138,7 +143,7 @@ def _delf(args):
             except ValueError as e:
                 raise cli.CLIError(f"--backbone {args.backbone}: {e}") from e
         extractor = DelfExtractor.pretrained(config, settings, weights_path=args.weights)
-    match_settings = delf_lib.MatchSettings(error_threshold=args.threshold_pixels, seed=args.seed)
+    verification = VerificationSettings(error_threshold=args.threshold_pixels)
 
     def load(path):
         image = extractor.load(path)
@@ -149,7 +154,7 @@ def _delf(args):
             )
         return image
 
-    return load, extractor, lambda a, b: delf_lib.match_pair(a, b, match_settings)
+    return load, extractor, lambda a, b: delf_lib.match_pair(a, b, verification, seed=args.seed)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,9 @@ Coordinates are image pixels ``(x, y)``; transforms are ``(2, 3)`` matrices ``[A
 mapping a point ``p`` of image a to ``A p + t`` in image b, as in ``ransac.py``.
 """
 
+import dataclasses
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 
@@ -44,6 +47,7 @@ __all__ = [
     "DELF_NUM_HYPOTHESES",
     "Reranking",
     "VerificationResult",
+    "VerificationSettings",
     "affine_from_point_triples",
     "ransac_affine_points",
     "rerank_shortlist",
@@ -54,6 +58,31 @@ __all__ = [
 
 DELF_ERROR_THRESHOLD = 20.0  # the authors' match_images.py residual_threshold (pixels)
 DELF_NUM_HYPOTHESES = 1000  # ... and its max_trials
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationSettings:
+    """Putative matching and RANSAC of a pair (the authors' values by default); hashable.
+
+    Attributes:
+      max_distance: Largest descriptor distance of a mutual nearest neighbour, or None.
+      max_ratio: Lowe's ratio bound, or None.
+      error_threshold: RANSAC inlier distance in image pixels.
+      num_hypotheses: RANSAC triples per pair.
+      refinement_steps: Least-squares local-optimisation rounds.
+      max_scale_change: Largest accepted scale change of a hypothesis, or None.
+    """
+
+    max_distance: float | None = DELF_MAX_DISTANCE
+    max_ratio: float | None = None
+    error_threshold: float = DELF_ERROR_THRESHOLD
+    num_hypotheses: int = DELF_NUM_HYPOTHESES
+    refinement_steps: int = 3
+    max_scale_change: float | None = None
+
+    def as_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of :func:`verify_pair` (and of the batched verifiers)."""
+        return dataclasses.asdict(self)
 
 
 def sample_point_triples(

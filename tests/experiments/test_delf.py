@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments import cli, delf_lib, delf_pca, match, train, train_lib
+from experiments import cli, delf_lib, delf_pca, match, rerank_lib, train, train_lib
 from jaxretrieval import model_io
 from jaxretrieval.data import labelled
 from jaxretrieval.local_features import (
@@ -107,7 +107,7 @@ def test_delf_pca_cli_and_match_cli(stages, shared_data, tmp_path, capsys):
     facts = delf_pca.main(
         ["--checkpoint", str(root / "attention"), "--out", str(out), "--dim", "8"]
         + ["--train-csv", str(shared_data / "smvs_train" / "labels.csv")]
-        + ["--max-images", "3", "--max-side", "96", "--max-features", "50"]
+        + ["--max-images", "3", "--max-side", "128", "--max-features", "100"]
     )
     assert facts["pca_images"] == 3 and 0 < facts["pca_explained_variance"] <= 1
     config, variables = model_io.load_delf_model(out)
@@ -183,24 +183,44 @@ def test_delf_rerank_and_verified_query_expansion():
     database = jax.tree.map(lambda *x: np.stack(x), others[0], copy, others[1], others[2])
     queries = jax.tree.map(lambda x: x[None], query)
     scores = np.array([[0.9, 0.2, 0.8, 0.7]], np.float32)  # global search misses the copy
-    settings = delf_lib.DelfRerankSettings(
-        match=delf_lib.MatchSettings(num_hypotheses=32, error_threshold=4.0), qe_k=1
-    )
-    reranking, pair_inliers = delf_lib.delf_rerank(scores, queries, database, settings=settings)
+    settings = rerank_lib.DelfRerankSettings(num_hypotheses=32, error_threshold=4.0, qe_k=1)
+    reranking, pair_inliers = rerank_lib.delf_rerank(scores, queries, database, settings=settings)
     assert np.asarray(reranking.ranks).tolist() == [[1, 0, 2, 3]]
     assert pair_inliers[0, 1] == 24 and np.all(pair_inliers[0] >= 0)
     globals_q = np.array([[1.0, 0.0, 0.0]], np.float32)
     globals_db = np.array(
         [[0.6, 0.8, 0], [0.0, 0.0, 1.0], [0.8, 0.6, 0], [0.0, 1.0, 0]], np.float32
     )
-    ranks = delf_lib.delf_query_expansion_ranks(globals_q, globals_db, reranking, settings=settings)
+    ranks = rerank_lib.delf_query_expansion_ranks(
+        globals_q, globals_db, reranking, settings=settings
+    )
     # The verified copy first; then the rest by the query expanded with the copy.
     assert ranks.tolist() == [[1, 2, 0, 3]]
     # Leave-one-out: the query's own row is excluded from the shortlist and ranked last.
-    _, loo_inliers = delf_lib.delf_rerank(
+    _, loo_inliers = rerank_lib.delf_rerank(
         scores, queries, database, settings=settings, exclude=np.array([0])
     )
     assert loo_inliers[0, 0] == -1
+    # rerank_lib's per-method entry points, with a stand-in for the DELF extractor.
+    by_path = {"q": query, "a": others[0], "b": copy, "c": others[1], "d": others[2]}
+
+    class Extractor:
+        def extract_files(self, paths, boxes=None):
+            return jax.tree.map(lambda *x: np.stack(x), *[by_path[p] for p in paths])
+
+    split = rerank_lib.delf_rerank_split(
+        "delf", globals_q, globals_db, delf_extractor=Extractor(), query_paths=["q"],
+        database_paths=["a", "b", "c", "d"], settings=settings,
+    )  # fmt: skip
+    assert split.tolist() == [[1, 2, 0, 3]]  # the copy, then the global order c, a, d
+    everything = np.concatenate([globals_q, globals_db])
+    loo = rerank_lib.delf_rerank_leave_one_out(
+        "delf+qe", everything, delf_extractor=Extractor(), paths=list("qabcd"), settings=settings
+    )
+    assert loo[:, -1].tolist() == [0, 1, 2, 3, 4]  # each image last in its own ranking
+    assert loo[0, 0] == 2 and loo[2, 0] == 0  # the query and its copy verify each other
+    with pytest.raises(ValueError, match="unknown DELF re-ranking 'dsm'"):
+        rerank_lib.delf_ranks("dsm", globals_q, globals_db, None, None)
 
 
 def test_evaluate_delf_on_a_small_set(shared_data):
@@ -215,7 +235,7 @@ def test_evaluate_delf_on_a_small_set(shared_data):
         DelfConfig(keypoint_score="l2_norm", max_side=96),
         DelfSettings(scales=(1.0,), max_features=32),
     )
-    settings = delf_lib.DelfRerankSettings(match=delf_lib.MatchSettings(num_hypotheses=16))
+    settings = rerank_lib.DelfRerankSettings(num_hypotheses=16)
     results = delf_lib.evaluate_delf(
         dataset, lambda p, b=None: extract(p, b, progress=False), delf, settings=settings
     )
