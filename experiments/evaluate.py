@@ -4,13 +4,16 @@
   python -m experiments.evaluate --data-root ~/data/roxford5k --max-side 1024 --json roxford.json
   python -m experiments.evaluate --data-root ../shared/data/smvs_eval --checkpoint checkpoints/NAME
   python -m experiments.evaluate --data-root ../shared/data/landmarks_mini --rerank alpha-qe dsm
+  python -m experiments.evaluate --data-root ../shared/data/landmarks_mini --pooling cam \
+      --max-side 512 --rerank cam-regions
 
 A dataset folder holds gnd_<name>.pkl (imlist, qimlist, gnd with easy/hard/junk/bbx) and
 its images in images/ or jpg/. Prints mAP and mP@1/5/10 for the Easy, Medium and Hard
 protocols of Radenović et al. (CVPR 2018), for the dataset's own queries ("split") and,
 with --leave-one-out, for every image querying all the others. --rerank adds each
-protocol re-ranked by query expansion, diffusion or DSM spatial verification (DSM uses
-the same model's activations). The JSON (--json) records the model, the extraction
+protocol re-ranked by query expansion, diffusion, DSM spatial verification or CAM region
+proposals (both use the same model's activations; cam-regions needs a backbone with a
+classifier). The JSON (--json) records the model, the extraction
 settings and every re-ranking parameter.
 """
 
@@ -21,6 +24,7 @@ import math
 import pathlib
 
 from experiments import cli, evaluate_lib, plotting, rerank_lib
+from jaxretrieval.cam_regions import CAMRegionExtractor
 from jaxretrieval.data import datasets
 from jaxretrieval.spatial_verification import DSMFeatureExtractor
 
@@ -40,8 +44,9 @@ def parse_args(argv=None):
         default=["none"],
         choices=rerank_lib.METHODS,
         help="re-rank each protocol's ranking: query expansion (aqe, alpha-qe, "
-        "dba+alpha-qe), diffusion, DSM spatial verification (dsm), or DSM-seeded diffusion; "
-        "several may be given and each is scored",
+        "dba+alpha-qe), diffusion, DSM spatial verification (dsm), DSM-seeded diffusion, or "
+        "CAM region re-ranking + QE (cam-regions: the top 100 by best CAM region, then QE "
+        "with the top 10); several may be given and each is scored",
     )
     cli.add_model_args(parser)
     return parser.parse_args(argv)
@@ -68,6 +73,12 @@ def main(argv=None) -> dict:
     dsm_extractor = None
     if {"dsm", "dsm+diffusion"} & set(args.rerank):
         dsm_extractor = DSMFeatureExtractor(extractor.model, extractor.variables, pad_multiple=64)
+    cam_extractor = None
+    if "cam-regions" in args.rerank:
+        try:
+            cam_extractor = CAMRegionExtractor(extractor.model, extractor.variables)
+        except ValueError as e:
+            raise cli.CLIError(f"--rerank cam-regions: {e}") from e
     protocols = ["split"] + (["leave_one_out"] if args.leave_one_out else [])
     results, rankings = evaluate_lib.evaluate(
         dataset,
@@ -77,6 +88,7 @@ def main(argv=None) -> dict:
         protocols=protocols,
         reranking=args.rerank,
         dsm_extractor=dsm_extractor,
+        cam_extractor=cam_extractor,
     )
     results = {
         **results,

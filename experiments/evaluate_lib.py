@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from experiments import rerank_lib
-from jaxretrieval import evaluation, extraction, search
+from jaxretrieval import cam_regions, evaluation, extraction, search
 from jaxretrieval.data import datasets
 from jaxretrieval.data import images as image_io
 from jaxretrieval.spatial_verification import DSMFeatureExtractor
@@ -172,6 +172,7 @@ def evaluate(
     reranking: Sequence[str] = (),
     rerank_settings: rerank_lib.RerankSettings = rerank_lib.RerankSettings(),
     dsm_extractor: DSMFeatureExtractor | None = None,
+    cam_extractor: cam_regions.CAMRegionExtractor | None = None,
 ) -> tuple[dict[str, Any], dict[str, DatasetRanking]]:
     """Metrics of every protocol, and of every protocol re-ranked by each method.
 
@@ -187,6 +188,7 @@ def evaluate(
         (:func:`experiments.rerank_lib.rerank_leave_one_out`).
       rerank_settings: Their parameters (recorded in the output).
       dsm_extractor: Local features for ``dsm`` and ``dsm+diffusion``.
+      cam_extractor: CAM regions for ``cam-regions`` (the same model as ``extract``).
 
     Returns:
       ``(results, rankings)``: ``results`` maps ``"dataset"``, ``"rerank_settings"``,
@@ -212,6 +214,7 @@ def evaluate(
                 database_paths=split.database_paths,
                 query_boxes=dataset.query_boxes,
                 dsm_extractor=dsm_extractor,
+                cam_extractor=cam_extractor,
             )
             rankings[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
         if "leave_one_out" in rankings:
@@ -222,6 +225,7 @@ def evaluate(
                 settings=rerank_settings,
                 paths=loo.query_paths,
                 dsm_extractor=dsm_extractor,
+                cam_extractor=cam_extractor,
             )
             rankings[f"leave_one_out+{method}"] = dataclasses.replace(loo, ranks=ranks)
     results: dict[str, Any] = {"dataset": dataset.name}

@@ -23,6 +23,11 @@ Defaults are for small sets like ../shared/data (tens of images, 1-12 per scene)
 k = 2, alpha = 3; diffusion on a k = 5 mutual graph seeded by the query's nearest image
 with alpha 0.9 (benchmarks/diffusion_small_set_sweep.py shows why the paper's k = 50, 10
 seeds and alpha 0.99 fail there). For ROxford-sized sets use the paper's values.
+``cam-regions`` (:mod:`jaxretrieval.cam_regions`, Jimenez et al. BMVC17) re-scores the
+top ``cam_shortlist`` images by their best CAM region and expands the query with the best
+regions of the top ``cam_expansion``; its defaults are the paper's R = 100, QE = 10. It
+needs the images and a :class:`~jaxretrieval.cam_regions.CAMRegionExtractor` of the model
+whose global descriptors are re-ranked (regions live in their space).
 """
 
 import dataclasses
@@ -32,7 +37,7 @@ from collections.abc import Callable, Sequence
 import jax
 import numpy as np
 
-from jaxretrieval import diffusion, query_expansion, similarity
+from jaxretrieval import cam_regions, diffusion, query_expansion, similarity
 from jaxretrieval.data import images as image_io
 from jaxretrieval.extraction import Box
 from jaxretrieval.spatial_verification import (
@@ -44,7 +49,9 @@ from jaxretrieval.spatial_verification import (
     stack_local_features,
 )
 
-METHODS = ("none", "aqe", "alpha-qe", "dba+alpha-qe", "diffusion", "dsm", "dsm+diffusion")
+METHODS = (
+    "none", "aqe", "alpha-qe", "dba+alpha-qe", "diffusion", "dsm", "dsm+diffusion", "cam-regions"
+)  # fmt: skip
 MIN_INLIERS = 5
 
 
@@ -65,6 +72,12 @@ class RerankSettings:
       dsm_shortlist: Images verified per query; None verifies the whole database.
       dsm_max_correspondences: Tentative correspondences per pair.
       dsm_count_distinct: Count each feature at most once among the inliers.
+      cam_shortlist: Images re-scored by their best CAM region per query (the paper's R).
+      cam_expansion: Best regions of the top re-ranked images added to the query (QE);
+        0 keeps the region order.
+      cam_thresholds: CAM binarisation thresholds, fractions of each map's maximum.
+      cam_box_classes: Top classes whose CAMs propose boxes.
+      cam_max_side: Longer image side for the regions; None uses the model's.
     """
 
     qe_k: int = 2
@@ -79,6 +92,11 @@ class RerankSettings:
     dsm_shortlist: int | None = None
     dsm_max_correspondences: int = 1024
     dsm_count_distinct: bool = False
+    cam_shortlist: int = 100
+    cam_expansion: int = 10
+    cam_thresholds: tuple[float, ...] = cam_regions.DEFAULT_THRESHOLDS
+    cam_box_classes: int = 3
+    cam_max_side: int | None = None
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -330,10 +348,28 @@ def local_features(
     return stack_local_features([extractor(image) for image in images])
 
 
-def _check_method(method: str, *, has_paths: bool, dsm_extractor) -> None:
+def cam_region_descriptors(
+    paths: Sequence[str],
+    extractor: cam_regions.CAMRegionExtractor,
+    settings: RerankSettings = RerankSettings(),
+) -> cam_regions.RegionDescriptors:
+    """CAM region proposals and descriptors of image files with the settings' parameters."""
+    return extractor(
+        paths,
+        max_side=settings.cam_max_side,
+        thresholds=settings.cam_thresholds,
+        num_box_classes=settings.cam_box_classes,
+    )
+
+
+def _check_method(method: str, *, has_paths: bool, dsm_extractor, cam_extractor=None) -> None:
     """Unknown methods, and DSM without its images or extractor, fail before any work."""
     if method not in METHODS:
         raise ValueError(f"unknown re-ranking {method!r}; choose from {', '.join(METHODS)}.")
+    if method == "cam-regions" and not has_paths:
+        raise ValueError("CAM region re-ranking needs the database image paths.")
+    if method == "cam-regions" and cam_extractor is None:
+        raise ValueError("CAM region re-ranking needs a CAMRegionExtractor (cam_extractor).")
     if method not in ("dsm", "dsm+diffusion"):
         return
     if not has_paths:
@@ -351,8 +387,22 @@ def _rerank(
     exclude: np.ndarray | None,
     features: Callable[[], tuple[LocalFeatures, LocalFeatures]],
     feature_stride: int | None,
+    regions: Callable[[], cam_regions.RegionDescriptors] | None = None,
 ) -> np.ndarray:
-    """One method for one protocol; ``features()`` gives (query, database) DSM features."""
+    """One method for one protocol.
+
+    ``features()`` gives the (query, database) DSM features, ``regions()`` the database's
+    CAM regions.
+    """
+    if method == "cam-regions":
+        return cam_regions.rerank_with_regions(
+            queries,
+            database,
+            regions(),
+            shortlist_size=settings.cam_shortlist,
+            num_expansion=settings.cam_expansion,
+            exclude=exclude,
+        )
     if method == "none":
         scores = similarity.cosine_similarities(queries, database)
         return ranks_of(_without_excluded(scores, exclude))
@@ -402,6 +452,7 @@ def rerank_split(
     database_paths: Sequence[str] = (),
     query_boxes: Sequence[Box | None] | None = None,
     dsm_extractor: DSMFeatureExtractor | None = None,
+    cam_extractor: cam_regions.CAMRegionExtractor | None = None,
 ) -> np.ndarray:
     """(Q, N) ranks of one re-ranking method for queries that are not in the database.
 
@@ -409,9 +460,14 @@ def rerank_split(
     whose global descriptors are re-ranked, so that a fine-tuned network is verified with
     its own activations). ``query_boxes`` crops the queries' DSM features as their global
     descriptors are cropped (revisitop queries); None uses the whole images.
+    ``cam-regions`` needs the database paths and ``cam_extractor`` (of the same model).
     """
     has_paths = (len(query_paths), len(database_paths)) == (len(queries), len(database))
-    _check_method(method, has_paths=has_paths, dsm_extractor=dsm_extractor)
+    if method == "cam-regions":
+        has_paths = len(database_paths) == len(database)
+    _check_method(
+        method, has_paths=has_paths, dsm_extractor=dsm_extractor, cam_extractor=cam_extractor
+    )
 
     def features():
         def extract(paths, boxes=None):
@@ -427,6 +483,7 @@ def rerank_split(
         exclude=None,
         features=features,
         feature_stride=getattr(dsm_extractor, "feature_stride", None),
+        regions=lambda: cam_region_descriptors(database_paths, cam_extractor, settings),
     )
 
 
@@ -437,6 +494,7 @@ def rerank_leave_one_out(
     settings: RerankSettings = RerankSettings(),
     paths: Sequence[str] = (),
     dsm_extractor: DSMFeatureExtractor | None = None,
+    cam_extractor: cam_regions.CAMRegionExtractor | None = None,
 ) -> np.ndarray:
     """(N, N) ranks of one re-ranking method when every image queries all the others.
 
@@ -453,11 +511,18 @@ def rerank_leave_one_out(
       settings: Every parameter of the methods.
       paths: The N image files (``dsm`` and ``dsm+diffusion`` only).
       dsm_extractor: Local features for ``dsm`` and ``dsm+diffusion``.
+      cam_extractor: CAM regions for ``cam-regions`` (the query is never in its own
+        shortlist or expansion).
 
     Returns:
       (N, N) indices into ``descriptors``, best first.
     """
-    _check_method(method, has_paths=len(paths) == len(descriptors), dsm_extractor=dsm_extractor)
+    _check_method(
+        method,
+        has_paths=len(paths) == len(descriptors),
+        dsm_extractor=dsm_extractor,
+        cam_extractor=cam_extractor,
+    )
 
     def features():
         stacked = local_features(paths, dsm_extractor, max_side=settings.dsm_max_side)
@@ -471,236 +536,5 @@ def rerank_leave_one_out(
         exclude=np.arange(len(descriptors)),
         features=features,
         feature_stride=getattr(dsm_extractor, "feature_stride", None),
-    )
-
-
-# ----------------------------------------------------------------------- DELF (issue 12)
-# DELF re-ranking (Noh et al. ICCV 2017): each query's global shortlist verified with
-# DELF keypoints, mutual nearest neighbours and RANSAC on random point triples
-# (jaxretrieval.local_features), and the seed's global + DELF + QE row. Separate from
-# METHODS because its local features come from a DELF model, not from the global one:
-# pass a jaxretrieval.local_features.DelfExtractor.
-
-DELF_METHODS = ("delf", "delf+qe")
-
-
-@dataclasses.dataclass(frozen=True)
-class DelfRerankSettings:
-    """Every parameter of DELF re-ranking (recorded with the results).
-
-    Attributes:
-      max_distance: Largest descriptor distance of a putative match (the authors' 0.8).
-      max_ratio: Lowe's ratio bound on putative matches, or None.
-      error_threshold: RANSAC inlier distance in image pixels (the authors' 20).
-      num_hypotheses: RANSAC triples per pair (the authors' 1000 trials).
-      refinement_steps: Least-squares local-optimisation rounds.
-      seed: Seed of the RANSAC key (query q uses ``fold_in(key(seed), q)``).
-      shortlist: Images verified per query; None verifies the whole database.
-      min_inliers: Fewer inliers than this count as unverified.
-      qe_k: Verified images averaged into the query by ``delf+qe``.
-      qe_alpha: Their alpha-QE exponent.
-    """
-
-    max_distance: float | None = 0.8
-    max_ratio: float | None = None
-    error_threshold: float = 20.0
-    num_hypotheses: int = 1000
-    refinement_steps: int = 3
-    seed: int = 0
-    shortlist: int | None = 100
-    min_inliers: int = MIN_INLIERS
-    qe_k: int = 2
-    qe_alpha: float = 3.0
-
-    def verification(self):
-        """The :class:`jaxretrieval.local_features.VerificationSettings` of each pair."""
-        from jaxretrieval.local_features import VerificationSettings
-
-        return VerificationSettings(
-            max_distance=self.max_distance,
-            max_ratio=self.max_ratio,
-            error_threshold=self.error_threshold,
-            num_hypotheses=self.num_hypotheses,
-            refinement_steps=self.refinement_steps,
-        )
-
-
-@functools.cache
-def _jitted_delf_rerank(shortlist_size: int, min_inliers: int, verification):
-    from jaxretrieval import local_features
-
-    kwargs = verification.as_kwargs()
-    return jax.jit(
-        lambda ranks, scores, q, d, key: local_features.rerank_shortlist(
-            ranks, scores, q, d, key=key, shortlist_size=shortlist_size,
-            min_inliers=min_inliers, **kwargs,
-        )
-    )  # fmt: skip
-
-
-def delf_rerank(
-    scores: np.ndarray,
-    query_features,
-    database_features,
-    *,
-    settings: DelfRerankSettings = DelfRerankSettings(),
-    exclude: np.ndarray | None = None,
-) -> tuple[Reranking, np.ndarray]:
-    """Re-orders each query's global shortlist by DELF inliers (one query per call).
-
-    Args:
-      scores: (Q, N) global similarities.
-      query_features: Stacked :class:`~jaxretrieval.local_features.DelfFeatures` of the
-        queries (leading axis Q).
-      database_features: Stacked DELF features of the database (leading axis N).
-      settings: Matching, RANSAC, shortlist and verification threshold.
-      exclude: (Q,) database index of each query itself (leave-one-out): ranked last and
-        kept off its shortlist; or None.
-
-    Returns:
-      The :class:`Reranking` and the (Q, N) inlier count of every verified pair
-      (database order; -1 where not verified).
-    """
-    num_queries, num_database = np.shape(scores)
-    exclude = _check_exclude(exclude, num_queries, num_database)
-    scores = _without_excluded(scores, exclude)
-    global_ranks = ranks_of(scores).astype(np.int32)
-    candidates = num_database - (exclude is not None)
-    size = candidates if settings.shortlist is None else min(settings.shortlist, candidates)
-    rerank = _jitted_delf_rerank(size, settings.min_inliers, settings.verification())
-    key = jax.random.key(settings.seed)
-    finite_scores = np.where(np.isfinite(scores), scores, -2.0)
-    ranks, inliers_sorted = [], []
-    for q in range(num_queries):
-        one = jax.tree.map(lambda x, q=q: np.asarray(x)[q : q + 1], query_features)
-        result = rerank(
-            global_ranks[q : q + 1], finite_scores[q : q + 1], one, database_features,
-            jax.random.fold_in(key, q),
-        )  # fmt: skip
-        ranks.append(np.asarray(result.ranks))
-        inliers_sorted.append(np.asarray(result.shortlist_inliers))
-    reranking = Reranking(np.concatenate(ranks), np.concatenate(inliers_sorted))
-    pair_inliers = np.full((num_queries, num_database), -1, np.int64)
-    rows = np.arange(num_queries)[:, None]
-    pair_inliers[rows, reranking.ranks[:, :size]] = reranking.shortlist_inliers
-    return reranking, pair_inliers
-
-
-def delf_query_expansion_ranks(
-    queries: np.ndarray,
-    database: np.ndarray,
-    reranking: Reranking,
-    *,
-    settings: DelfRerankSettings = DelfRerankSettings(),
-    exclude: np.ndarray | None = None,
-) -> np.ndarray:
-    """Global + DELF + QE: the verified images first, the rest by a verified-QE query.
-
-    The query's global descriptor is expanded (alpha-QE) with its ``qe_k`` best
-    DELF-verified images (at least ``min_inliers`` inliers) only, so QE never averages in
-    a false positive of the global search; a query without a verified image keeps its
-    descriptor. The ranking lists the verified images by decreasing inliers (their DELF
-    order), then every other image by similarity to the expanded query.
-
-    Returns:
-      (Q, N) database indices, best first (an excluded image last).
-    """
-    queries = np.asarray(queries, np.float32)
-    database = np.asarray(database, np.float32)
-    ranks = np.asarray(reranking.ranks)
-    inliers = np.asarray(reranking.shortlist_inliers)
-    size = inliers.shape[1]
-    verified = inliers >= settings.min_inliers  # (Q, L); the verified ones come first
-    expanded = queries.copy()
-    for q in range(len(queries)):
-        neighbours = ranks[q, :size][verified[q]][: settings.qe_k]
-        if len(neighbours):
-            expanded[q] = np.asarray(
-                query_expansion.alpha_query_expansion(
-                    queries[q : q + 1], database[neighbours], k=len(neighbours),
-                    alpha=settings.qe_alpha,
-                )
-            )[0]  # fmt: skip
-    scores = _without_excluded(similarity.cosine_similarities(expanded, database), exclude)
-    out = np.empty_like(ranks)
-    for q in range(len(queries)):
-        top = ranks[q, :size][verified[q]]
-        rest = ranks_of(scores[q : q + 1])[0]
-        out[q] = np.concatenate([top, rest[~np.isin(rest, top)]])
-    return out
-
-
-def delf_ranks(
-    method: str,
-    queries: np.ndarray,
-    database: np.ndarray,
-    query_features,
-    database_features,
-    *,
-    settings: DelfRerankSettings = DelfRerankSettings(),
-    exclude: np.ndarray | None = None,
-) -> np.ndarray:
-    """(Q, N) ranks of ``"delf"`` or ``"delf+qe"`` from features already extracted.
-
-    Raises:
-      ValueError: Another method.
-    """
-    if method not in DELF_METHODS:
-        raise ValueError(f"unknown DELF re-ranking {method!r}; choose from {DELF_METHODS}.")
-    scores = np.asarray(similarity.cosine_similarities(queries, database))
-    reranking, _ = delf_rerank(
-        scores, query_features, database_features, settings=settings, exclude=exclude
-    )
-    if method == "delf":
-        return np.asarray(reranking.ranks)
-    return delf_query_expansion_ranks(
-        queries, database, reranking, settings=settings, exclude=exclude
-    )
-
-
-def delf_rerank_split(
-    method: str,
-    queries: np.ndarray,
-    database: np.ndarray,
-    *,
-    delf_extractor,
-    query_paths: Sequence[str],
-    database_paths: Sequence[str],
-    query_boxes: Sequence[Box | None] | None = None,
-    settings: DelfRerankSettings = DelfRerankSettings(),
-) -> np.ndarray:
-    """:func:`rerank_split` for ``"delf"`` / ``"delf+qe"``: features of a DELF model.
-
-    ``query_boxes`` crops the queries' DELF features as their global descriptors are
-    cropped (revisitop queries).
-    """
-    query_features = delf_extractor.extract_files(query_paths, query_boxes)
-    database_features = delf_extractor.extract_files(database_paths)
-    return delf_ranks(
-        method, queries, database, query_features, database_features, settings=settings
-    )
-
-
-def delf_rerank_leave_one_out(
-    method: str,
-    descriptors: np.ndarray,
-    *,
-    delf_extractor,
-    paths: Sequence[str],
-    settings: DelfRerankSettings = DelfRerankSettings(),
-) -> np.ndarray:
-    """:func:`rerank_leave_one_out` for ``"delf"`` / ``"delf+qe"``.
-
-    Each image's DELF features are extracted once and serve as query and database
-    features; the query is kept off its own shortlist and QE neighbours, and ranked last.
-    """
-    features = delf_extractor.extract_files(paths)
-    return delf_ranks(
-        method,
-        descriptors,
-        descriptors,
-        features,
-        features,
-        settings=settings,
-        exclude=np.arange(len(descriptors)),
+        regions=lambda: cam_region_descriptors(paths, cam_extractor, settings),
     )

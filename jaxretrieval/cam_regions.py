@@ -441,7 +441,9 @@ class CAMRegionExtractor:
         if "classifier" not in variables.get("params", {}).get("backbone", {}):
             raise ValueError(f"CAM regions need a classifier; {model.backbone} has none.")
         self.model = model
-        self.variables = jax.device_put(variables)  # transferred once, not per batch
+        # On one device, transferred once (not per batch): variables replicated over a
+        # mesh (an Extractor's) would make every call run on every device.
+        self.variables = jax.device_put(variables, jax.local_devices()[0])
         self.module = retrieval_model.make_model(model)
         self.feature_stride = self.module.feature_stride
         self.batch_size = batch_size
