@@ -6,8 +6,9 @@ point, so an affine map needs a minimal sample of three correspondences: here ``
 triples are drawn at random with an explicit ``key`` (:func:`sample_point_triples`),
 each solved in closed form (:func:`affine_from_point_triples`), and then everything
 else is DSM's: the ``(Y, P)`` inlier count of all hypotheses at once and the
-least-squares local optimisation of the best one, from the same functions of
-``ransac.py``. The score of a pair is its inlier count.
+least-squares local optimisation of the best one, in the one function both use
+(:func:`~jaxretrieval.spatial_verification.ransac.best_affine_hypothesis`). The score
+of a pair is its inlier count.
 
 Determinism: the result is a pure function of the inputs and the key (same key, same
 result; jit equals eager). Batched verifiers derive each pair's key with
@@ -32,15 +33,8 @@ from jaxretrieval.local_features.matching import (
     Correspondences,
     mutual_nearest_neighbors,
 )
-
-# The batched inlier scoring and the least-squares refit are DSM's (ransac.py).
 from jaxretrieval.spatial_verification.dsm import Reranking
-from jaxretrieval.spatial_verification.ransac import (
-    VerificationResult,
-    _inlier_counts,
-    _inlier_mask,
-    _refit_affine,
-)
+from jaxretrieval.spatial_verification.ransac import VerificationResult, best_affine_hypothesis
 
 __all__ = [
     "DELF_ERROR_THRESHOLD",
@@ -242,42 +236,22 @@ def ransac_affine_points(
             f"points_b must have the shape of points_a {points_a.shape}, found {points_b.shape}."
         )
     valid = validation.as_mask("valid", valid, shape=points_a.shape[:1], axes="P")
-    if refinement_steps < 0:
-        raise ValueError(f"refinement_steps must be >= 0, got {refinement_steps}.")
-    points_a, points_b = validation.common_float(points_a, points_b)
-    dtype = points_a.dtype
-    threshold = jnp.asarray(error_threshold, dtype)
-
-    def scale_ok(transform):
-        if max_scale_change is None:
-            return jnp.ones(transform.shape[:-2], bool)
-        limit = jnp.asarray(max_scale_change, dtype)
-        scale = _scale_change(transform)
-        return (scale <= limit) & (scale * limit >= 1.0)
-
     indices, sampled = sample_point_triples(key, valid, num_hypotheses=num_hypotheses)
     transforms, solved = affine_from_point_triples(points_a[indices], points_b[indices])
-    hypothesis_ok = sampled & solved & scale_ok(transforms)  # (Y,)
-    counts = _inlier_counts(transforms, points_a, points_b, valid, threshold)  # (Y,)
-    counts = jnp.where(hypothesis_ok, counts, 0)
-    best = jnp.argmax(counts)
-    transform = transforms[best]
-    mask = _inlier_mask(transform, points_a, points_b, valid, threshold)
-    count = counts[best]
-    for _ in range(refinement_steps):
-        refit, well_posed = _refit_affine(points_a, points_b, mask.astype(dtype))
-        well_posed = well_posed & scale_ok(refit) & jnp.all(jnp.isfinite(refit))
-        refit_mask = _inlier_mask(refit, points_a, points_b, valid, threshold)
-        refit_count = jnp.sum(refit_mask, dtype=jnp.int32)
-        accept = well_posed & (refit_count >= count) & (count > 0)
-        transform = jnp.where(accept, refit, transform)
-        mask = jnp.where(accept, refit_mask, mask)
-        count = jnp.where(accept, refit_count, count)
-    any_ok = jnp.any(hypothesis_ok)
-    return VerificationResult(
-        num_inliers=jnp.where(any_ok, count, 0),
-        transform=jnp.where(any_ok, transform, jnp.zeros_like(transform)),
-        inlier_mask=mask & any_ok,
+    hypothesis_ok = sampled & solved  # (Y,)
+    if max_scale_change is not None:
+        limit = jnp.asarray(max_scale_change, transforms.dtype)
+        scale = _scale_change(transforms)  # (Y,)
+        hypothesis_ok = hypothesis_ok & (scale <= limit) & (scale * limit >= 1.0)
+    return best_affine_hypothesis(
+        transforms,
+        hypothesis_ok,
+        points_a,
+        points_b,
+        valid,
+        error_threshold=error_threshold,
+        max_scale_change=max_scale_change,
+        refinement_steps=refinement_steps,
     )
 
 

@@ -37,6 +37,7 @@ from jaxretrieval.spatial_verification.feature_extraction import (
 )
 from jaxretrieval.spatial_verification.ransac import (
     VerificationResult,
+    best_affine_hypothesis,
     ellipse_affine_hypotheses,
     ransac_affine,
     transfer_errors,
@@ -59,6 +60,7 @@ __all__ = [
     "Reranking",
     "VerificationResult",
     "activation_local_features",
+    "best_affine_hypothesis",
     "distinct_inliers",
     "dsm_diffusion_seeds",
     "ellipse_affine_hypotheses",

@@ -5,7 +5,9 @@ Every tentative correspondence pairs two ellipses (mean, covariance). Under the 
 hypothesis: all P hypotheses are generated at once, scored against all P correspondences
 with one (P, P) error matrix, and the best is optionally refined by least squares on its
 inliers (local optimisation). There is no sampling, hence no key, and no Python loop over
-hypotheses; ``jax.vmap`` over pairs gives the shortlist verifier of :mod:`.dsm`.
+hypotheses; ``jax.vmap`` over pairs gives the shortlist verifier of :mod:`.dsm`. The
+scoring and refinement (:func:`best_affine_hypothesis`) take hypotheses from anywhere:
+DELF's random point triples (:mod:`jaxretrieval.local_features.verification`) share them.
 
 Coordinates are image pixels ``(x, y)``; covariances are ``[[xx, xy], [xy, yy]]`` in the
 same units. Transforms are ``(2, 3)`` matrices ``[A | t]`` mapping a point ``p`` of image a
@@ -279,14 +281,7 @@ def ransac_affine(
     if max_hypotheses is not None and max_hypotheses < 1:
         raise ValueError(f"max_hypotheses must be >= 1 or None, got {max_hypotheses}.")
     dtype = transforms.dtype  # float32, or float64 (validation's float policy)
-    points_a = jnp.asarray(means_a).astype(dtype)
-    points_b = jnp.asarray(means_b).astype(dtype)
-    threshold = jnp.asarray(error_threshold, dtype)
     max_scale = jnp.asarray(max_scale_change, dtype)
-
-    def scale_ok(s):
-        return (s <= max_scale) & (s * max_scale >= 1.0)
-
     if max_hypotheses is not None and max_hypotheses < transforms.shape[0]:
         transforms = transforms[:max_hypotheses]  # (Y, 2, 3)
         scales = scales[:max_hypotheses]
@@ -294,7 +289,89 @@ def ransac_affine(
     else:
         hypothesis_valid = valid
     finite = jnp.all(jnp.isfinite(transforms), axis=(1, 2))
-    hypothesis_ok = hypothesis_valid & scale_ok(scales) & finite  # (Y,)
+    scale_ok = (scales <= max_scale) & (scales * max_scale >= 1.0)
+    return best_affine_hypothesis(
+        transforms,
+        hypothesis_valid & scale_ok & finite,
+        means_a,
+        means_b,
+        valid,
+        error_threshold=error_threshold,
+        max_scale_change=max_scale_change,
+        refinement_steps=refinement_steps,
+    )
+
+
+def best_affine_hypothesis(
+    transforms: Float[AnyArray, "Y 2 3"],
+    hypothesis_ok: Bool[AnyArray, " Y"],
+    points_a: Float[AnyArray, "P 2"],
+    points_b: Float[AnyArray, "P 2"],
+    valid: Bool[AnyArray, " P"],
+    *,
+    error_threshold: Scalar,
+    max_scale_change: Scalar | None = None,
+    refinement_steps: int = 3,
+) -> VerificationResult:
+    """Scores Y affine hypotheses against P correspondences, keeps the best, refines it.
+
+    The batched half of every RANSAC here, whatever made the hypotheses (DSM's one per
+    ellipse correspondence, DELF's random point triples):
+
+    1. correspondence p is an inlier of hypothesis h if
+       ``||A_h a_p + t_h - b_p|| < error_threshold``, for all (Y, P) pairs at once; the
+       best valid hypothesis has the most inliers (ties: the lowest index);
+    2. local optimisation (``refinement_steps`` rounds): refit an affine map to the
+       current inliers by least squares and rescore; the refit is kept only if it is
+       well-posed, its scale change ``sqrt|det A|`` is within ``max_scale_change`` (if
+       given), and it has at least as many inliers.
+
+    Args:
+      transforms: Hypotheses ``[A | t]`` from image a to image b.
+      hypothesis_ok: Which hypotheses may win (the others score 0).
+      points_a: Correspondence points in image a.
+      points_b: Corresponding points in image b.
+      valid: Which correspondences are real (the rest is padding).
+      error_threshold: Inlier distance in image-b pixels (traced).
+      max_scale_change: Largest scale change of a refit (traced), or None for no test.
+      refinement_steps: Local-optimisation rounds (static; 0 disables).
+
+    Returns:
+      A :class:`VerificationResult`; with no valid hypothesis ``num_inliers`` is 0, the
+      transform zeros and the mask all False.
+
+    Raises:
+      ValueError: On inconsistent shapes or ``refinement_steps < 0``.
+      TypeError: If a mask is not boolean or a point array not floating.
+
+    References:
+      Chum, Matas, Kittler. Locally optimized RANSAC. DAGM 2003.
+    """
+    transforms = validation.as_float_array("transforms", transforms, axes="Y 2 3")
+    points_a = validation.as_float_array("points_a", points_a, axes="P 2")
+    points_b = validation.as_float_array("points_b", points_b, axes="P 2")
+    if points_b.shape != points_a.shape:
+        raise ValueError(
+            f"points_b must have the shape of points_a {points_a.shape}, found {points_b.shape}."
+        )
+    hypothesis_ok = validation.as_mask(
+        "hypothesis_ok", hypothesis_ok, shape=transforms.shape[:1], axes="Y"
+    )
+    valid = validation.as_mask("valid", valid, shape=points_a.shape[:1], axes="P")
+    if refinement_steps < 0:
+        raise ValueError(f"refinement_steps must be >= 0, got {refinement_steps}.")
+    transforms, points_a, points_b = validation.common_float(transforms, points_a, points_b)
+    dtype = transforms.dtype
+    threshold = jnp.asarray(error_threshold, dtype)
+
+    def scale_ok(transform):
+        if max_scale_change is None:
+            return jnp.ones((), bool)
+        limit = jnp.asarray(max_scale_change, dtype)
+        det = transform[0, 0] * transform[1, 1] - transform[0, 1] * transform[1, 0]
+        scale = jnp.sqrt(jnp.abs(det))
+        return (scale <= limit) & (scale * limit >= 1.0)
+
     counts = _inlier_counts(transforms, points_a, points_b, valid, threshold)  # (Y,)
     counts = jnp.where(hypothesis_ok, counts, 0)
     best = jnp.argmax(counts)
@@ -304,8 +381,7 @@ def ransac_affine(
 
     for _ in range(refinement_steps):
         refit, ok = _refit_affine(points_a, points_b, mask.astype(dtype))
-        det = refit[0, 0] * refit[1, 1] - refit[0, 1] * refit[1, 0]
-        ok = ok & scale_ok(jnp.sqrt(jnp.abs(det))) & jnp.all(jnp.isfinite(refit))
+        ok = ok & scale_ok(refit) & jnp.all(jnp.isfinite(refit))
         refit_mask = _inlier_mask(refit, points_a, points_b, valid, threshold)
         refit_count = jnp.sum(refit_mask, dtype=jnp.int32)
         accept = ok & (refit_count >= count) & (count > 0)

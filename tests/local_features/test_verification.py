@@ -179,3 +179,23 @@ def test_ransac_affine_points_raises(without_annotation_checks):
         ransac_affine_points(points, points, np.ones(4, np.int32), key=jax.random.key(0))
     with pytest.raises(ValueError, match="num_hypotheses must be >= 1"):
         sample_point_triples(jax.random.key(0), np.ones(4, bool), num_hypotheses=0)
+
+
+def test_best_affine_hypothesis_is_shared_with_dsm():
+    """The scoring both RANSACs use: most inliers wins, ties to the first, LO refits."""
+    from jaxretrieval.spatial_verification import best_affine_hypothesis
+
+    rng = np.random.default_rng(7)
+    points_a, points_b = _points(rng, noise=0.0)
+    identity = np.array([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]], np.float32)
+    transforms = np.stack([identity, TRANSFORM, TRANSFORM]).astype(np.float32)
+    score = jax.jit(
+        lambda t, ok: best_affine_hypothesis(
+            t, ok, points_a, points_b, np.ones(60, bool), error_threshold=2.0
+        )
+    )
+    result = score(transforms, np.array([True, True, True]))
+    assert int(result.num_inliers) == 30 and np.asarray(result.inlier_mask)[:30].all()
+    np.testing.assert_allclose(result.transform, TRANSFORM, atol=1e-3)
+    none = score(transforms, np.zeros(3, bool))
+    assert int(none.num_inliers) == 0 and not np.any(none.inlier_mask)
