@@ -465,6 +465,7 @@ class CAMRegionExtractor:
             return out["features"], out["valid"], cams, classes
 
         self._features_and_cams = jax.jit(features_and_cams, static_argnames="num_classes")
+        self._map_kernels: dict[Callable, Callable] = {}
         self._regions = jax.jit(
             lambda features, valid, boxes, box_valid: regional_descriptors(
                 features, boxes, box_valid, pool, valid=valid
@@ -518,6 +519,80 @@ class CAMRegionExtractor:
             np.asarray(cams)[:count],
         )
 
+    def _batches(self, paths, boxes, max_side, strict, progress, failures, chunk_images=128):
+        """Yields ``(indices, images)`` of same-bucket images, decoding a chunk at a time.
+
+        Unreadable images are appended to ``failures`` as ``(path, reason)``.
+        """
+        if boxes is not None and len(boxes) != len(paths):
+            raise ValueError(f"got {len(boxes)} boxes for {len(paths)} images.")
+        max_side = self.model.max_side if max_side is None else max_side
+        stride = self.feature_stride
+        bar = tqdm(total=len(paths), desc="images", unit="img", disable=not progress)
+        with concurrent.futures.ThreadPoolExecutor(self._num_decode_threads) as decoders:
+            for chunk_start in range(0, len(paths), chunk_images):
+                chunk = range(chunk_start, min(chunk_start + chunk_images, len(paths)))
+                loaded = decoders.map(
+                    lambda i: self._load(paths[i], boxes[i] if boxes else None, max_side, strict),
+                    chunk,
+                )
+                buckets: dict[tuple[int, ...], list[tuple[int, np.ndarray]]] = {}
+                for index, image in zip(chunk, loaded, strict=True):
+                    if isinstance(image, str):
+                        failures.append((paths[index], image))
+                        continue
+                    key = tuple(-(-s // stride) * stride for s in image.shape[:2])
+                    buckets.setdefault(key, []).append((index, image))
+                for items in buckets.values():
+                    for start in range(0, len(items), self.batch_size):
+                        batch = items[start : start + self.batch_size]
+                        yield [i for i, _ in batch], [image for _, image in batch]
+                bar.update(len(chunk))
+        bar.close()
+
+    def map_images(
+        self,
+        paths: Sequence[str | os.PathLike],
+        fn: Callable[[jax.Array, jax.Array], jax.Array],
+        *,
+        boxes: Sequence[Sequence[float] | None] | None = None,
+        max_side: int | None = None,
+        strict: bool = False,
+        progress: bool = False,
+    ) -> tuple[np.ndarray, list[tuple[str, str]]]:
+        """``fn(features, valid)`` of every image: one backbone pass, any per-image output.
+
+        The images are resized, padded and batched as for :meth:`__call__`; ``fn`` gets
+        the padded feature maps ``(B, H, W, C)`` and their real-cell mask and returns a
+        ``(B, ...)`` array (e.g. per-class CAM vectors, several descriptors at once). It is
+        jitted once per padded shape (cached per ``fn`` object).
+
+        Returns:
+          ``(outputs, failures)``: outputs stacked in input order (zeros for unreadable
+          images) and ``(path, reason)`` of each unreadable image.
+        """
+        paths = [os.fspath(p) for p in paths]
+        kernel = self._map_kernels.get(fn)
+        if kernel is None:
+            module = self.module
+
+            def run(variables, images, sizes):
+                out = module.apply(variables, images, sizes)
+                return fn(out["features"], out["valid"])
+
+            kernel = self._map_kernels[fn] = jax.jit(run)
+        result = None
+        failures: list[tuple[str, str]] = []
+        for indices, images in self._batches(paths, boxes, max_side, strict, progress, failures):
+            batch, sizes = self._padded_batch(images)
+            values = np.asarray(kernel(self.variables, batch, sizes))[: len(images)]
+            if result is None:
+                result = np.zeros((len(paths), *values.shape[1:]), values.dtype)
+            result[indices] = values
+        if result is None:  # no readable image
+            result = np.zeros((len(paths), 0), np.float32)
+        return result, failures
+
     def __call__(
         self,
         paths: Sequence[str | os.PathLike],
@@ -548,9 +623,6 @@ class CAMRegionExtractor:
           :class:`RegionDescriptors` aligned with ``paths``.
         """
         paths = [os.fspath(p) for p in paths]
-        if boxes is not None and len(boxes) != len(paths):
-            raise ValueError(f"got {len(boxes)} boxes for {len(paths)} images.")
-        max_side = self.model.max_side if max_side is None else max_side
         settings = dict(
             thresholds=tuple(thresholds),
             num_box_classes=num_box_classes,
@@ -558,49 +630,21 @@ class CAMRegionExtractor:
             min_side=min_side,
         )
         num_regions = num_cam_regions(num_box_classes, len(thresholds), include_image=include_image)
-        with concurrent.futures.ThreadPoolExecutor(self._num_decode_threads) as decoders:
-            loaded = list(
-                decoders.map(
-                    lambda i: self._load(paths[i], boxes[i] if boxes else None, max_side, strict),
-                    range(len(paths)),
-                )
-            )
-        failures = [
-            (p, item) for p, item in zip(paths, loaded, strict=True) if isinstance(item, str)
-        ]
-        buckets: dict[tuple[int, int], list[int]] = {}
-        stride = self.feature_stride
-        for index, image in enumerate(loaded):
-            if not isinstance(image, str):
-                key = tuple(-(-s // stride) * stride for s in image.shape[:2])
-                buckets.setdefault(key, []).append(index)
-        out: dict[str, np.ndarray] = {}
-        bar = tqdm(total=len(paths) - len(failures), desc="regions", disable=not progress)
-        for indices in buckets.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                results = self._run([loaded[i] for i in chunk], **settings)
-                if not out:
-                    dim = results[0].shape[-1]
-                    out = {
-                        "descriptors": np.zeros((len(paths), num_regions, dim), np.float32),
-                        "valid": np.zeros((len(paths), num_regions), bool),
-                        "boxes": np.zeros((len(paths), num_regions, 4), np.int32),
-                        "map_sizes": np.zeros((len(paths), 2), np.int32),
-                        "classes": np.zeros((len(paths), num_box_classes), np.int32),
-                    }
-                for name, values in zip(out, results[:5], strict=True):
-                    out[name][chunk] = values
-                bar.update(len(chunk))
-        bar.close()
-        if not out:  # no readable image
-            out = {
-                "descriptors": np.zeros((len(paths), num_regions, 0), np.float32),
-                "valid": np.zeros((len(paths), num_regions), bool),
-                "boxes": np.zeros((len(paths), num_regions, 4), np.int32),
-                "map_sizes": np.zeros((len(paths), 2), np.int32),
-                "classes": np.zeros((len(paths), num_box_classes), np.int32),
-            }
+        out = {
+            "descriptors": np.zeros((len(paths), num_regions, 0), np.float32),
+            "valid": np.zeros((len(paths), num_regions), bool),
+            "boxes": np.zeros((len(paths), num_regions, 4), np.int32),
+            "map_sizes": np.zeros((len(paths), 2), np.int32),
+            "classes": np.zeros((len(paths), num_box_classes), np.int32),
+        }
+        failures: list[tuple[str, str]] = []
+        for indices, images in self._batches(paths, boxes, max_side, strict, progress, failures):
+            results = self._run(images, **settings)
+            if out["descriptors"].shape[-1] == 0:
+                dim = results[0].shape[-1]
+                out["descriptors"] = np.zeros((len(paths), num_regions, dim), np.float32)
+            for name, values in zip(out, results[:5], strict=True):
+                out[name][indices] = values
         return RegionDescriptors(**out, paths=paths, failures=failures)
 
     def proposals(

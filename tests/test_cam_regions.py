@@ -204,14 +204,13 @@ def test_region_rerank_raises(without_annotation_checks):
 # ----------------------------------------------------------------------------- real images
 
 
-def test_extractor_region_0_is_the_global_descriptor(shared_data):
+def test_extractor_region_0_is_the_global_descriptor(shared_data, tmp_path):
     """One real-backbone check at 64 px: region 0 of every image equals the Extractor's."""
     paths = sorted((shared_data / "landmarks_mini" / "images").glob("*.jpg"))[:3]
     config = retrieval_model.ModelConfig(max_side=64)
     variables = retrieval_model.init_model_variables(config)
-    regions = cam_regions.CAMRegionExtractor(config, variables, batch_size=2)(
-        paths, thresholds=(0.2, 0.5), num_box_classes=2
-    )
+    extractor = cam_regions.CAMRegionExtractor(config, variables, batch_size=2)
+    regions = extractor(paths, thresholds=(0.2, 0.5), num_box_classes=2)
     assert regions.descriptors.shape == (3, 5, 1280) and regions.valid[:, 0].all()
     expected = extraction.Extractor(config, variables, extraction.ExtractionSettings(batch_size=2))(
         paths, progress=False
@@ -225,6 +224,15 @@ def test_extractor_region_0_is_the_global_descriptor(shared_data):
         bottom[regions.valid] <= regions.map_sizes[:, None, 0].repeat(5, 1)[regions.valid]
     )
     assert np.all((bottom > top)[regions.valid] & (right > left)[regions.valid])
+    # map_images: any function of the same feature maps, unreadable files as zeros.
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not an image")
+    mapped, failures = extractor.map_images(
+        [*paths, broken], lambda x, valid: l2_normalize(pooling.gem(x, 3.0, valid=valid))
+    )
+    np.testing.assert_allclose(mapped[:3], expected.descriptors, atol=2e-5)
+    np.testing.assert_array_equal(mapped[3], 0.0)
+    assert [path for path, _ in failures] == [str(broken)]
 
 
 def test_extractor_needs_a_classifier_and_a_maskable_pooling():
