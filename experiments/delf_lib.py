@@ -9,7 +9,9 @@ stage (``config.delf.stage``):
   classifier, train with :func:`jaxretrieval.losses.classification_loss` (optional label
   smoothing) over the training scenes as classes;
 * ``"attention"`` (stage 2): starting from a stage-1 model (``model.init_checkpoint``),
-  only the attention head and its classifier train; the backbone is frozen.
+  only the attention head and its classifier train; the backbone is frozen. With
+  ``delf.attention_on_imagenet`` and no checkpoint, it starts from the ImageNet
+  backbone instead (the ablation: attention without fine-tuning).
 
 Validation is the classification accuracy (and loss) of the stage's classifier on
 held-out images of the training scenes: one image of each scene with at least
@@ -27,7 +29,9 @@ inliers, and the seed's global + DELF + QE row, with
 
 import dataclasses
 import functools
+import json
 import pathlib
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -43,11 +47,14 @@ from jaxretrieval.local_features import (
     DelfConfig,
     DelfExtractor,
     DelfFeatures,
+    DelfSettings,
     VerificationSettings,
+    delf_features_nbytes,
     init_delf_variables,
     learn_descriptor_pca,
     make_delf_model,
     pca_variables,
+    stack_delf_features,
     verify_pair,
 )
 from jaxretrieval.training import state
@@ -150,30 +157,37 @@ class DelfTask:
         )
         num_classes = self.images.num_scenes
         init_checkpoint = config.model.get("init_checkpoint")
+        imagenet = DelfConfig(
+            backbone=config.model.backbone,
+            feature_name=delf.feature_name,
+            num_classes=num_classes,
+            attention_hidden=delf.attention_hidden,
+            max_side=delf.max_side,
+            keypoint_score="l2_norm",  # no trained attention yet
+        )
         if self.stage == "descriptor":
-            self.delf_config = DelfConfig(
-                backbone=config.model.backbone,
-                feature_name=delf.feature_name,
-                num_classes=num_classes,
-                attention_hidden=delf.attention_hidden,
-                max_side=delf.max_side,
-                keypoint_score="l2_norm",  # no trained attention yet
-            )
             if init_checkpoint:
                 raise ValueError(
                     "the descriptor stage starts from ImageNet weights; model.init_checkpoint "
                     "is for the attention stage."
                 )
-            self.initial_variables = init_delf_variables(self.delf_config, seed=config.seed)
-            self.trainable = descriptor_trainable(self.delf_config, config.model.first_trainable)
+            self.delf_config = imagenet
+            self.initial_variables = init_delf_variables(imagenet, seed=config.seed)
+            self.trainable = descriptor_trainable(imagenet, config.model.first_trainable)
             self.logits_key = "descriptor_logits"
         else:
-            if not init_checkpoint:
+            if init_checkpoint:
+                loaded, self.initial_variables = model_io.load_delf_model(init_checkpoint)
+            elif delf.get("attention_on_imagenet"):
+                loaded = imagenet  # the ablation: attention without fine-tuning
+                self.initial_variables = init_delf_variables(imagenet, seed=config.seed)
+            else:
                 raise ValueError(
                     "the attention stage starts from a descriptor-stage model: set "
-                    "--config.model.init_checkpoint=<stage-1 work directory>."
+                    "--config.model.init_checkpoint=<stage-1 work directory> (or "
+                    "--config.delf.attention_on_imagenet=true for attention without "
+                    "fine-tuning)."
                 )
-            loaded, self.initial_variables = model_io.load_delf_model(init_checkpoint)
             if loaded.num_classes != num_classes:
                 raise ValueError(
                     f"{init_checkpoint} was trained on {loaded.num_classes} scenes but the "
@@ -359,8 +373,9 @@ def evaluate_delf(
 ) -> dict[str, Any]:
     """Revisited metrics of the global ranking and of its DELF re-rankings.
 
-    Each image's DELF features are extracted once, and one verification serves both
-    methods (:func:`experiments.rerank_lib.delf_rerank`).
+    Each image's DELF features are extracted once (an uncropped query of ``split`` is
+    also its ``leave_one_out`` row), and one verification serves both methods
+    (:func:`experiments.rerank_lib.delf_rerank`).
 
     Args:
       dataset: A revisitop-layout dataset.
@@ -372,7 +387,9 @@ def evaluate_delf(
 
     Returns:
       ``{"dataset", "rerank_settings", "<protocol>", "<protocol>+<method>"...}`` with
-      revisited metrics, plus ``"<protocol>+delf_inliers"``: the (Q, N) inlier counts.
+      revisited metrics, ``"<protocol>+delf_inliers"`` the (Q, N) inlier counts, and
+      ``"delf_features"``: images extracted, mean keypoints, bytes and seconds per image
+      (float32 descriptors, location, score and scale; wall time including compiles).
     """
     unknown = set(methods) - set(rerank_lib.DELF_METHODS)
     if unknown:
@@ -385,14 +402,32 @@ def evaluate_delf(
         "dataset": dataset.name,
         "rerank_settings": dataclasses.asdict(settings),
     }
+    cache: dict[tuple[str, Any], DelfFeatures] = {}
+    seconds = 0.0
+
+    def features(paths, boxes=None):
+        nonlocal seconds
+        boxes = boxes or [None] * len(paths)
+        for path, box in zip(paths, boxes, strict=True):
+            key = (str(path), None if box is None else tuple(float(v) for v in box))
+            if key not in cache:
+                tick = time.perf_counter()
+                cache[key] = delf_extractor(delf_extractor.load(path, box=box))
+                seconds += time.perf_counter() - tick
+        keys = [
+            (str(p), None if b is None else tuple(float(v) for v in b))
+            for p, b in zip(paths, boxes, strict=True)
+        ]
+        return stack_delf_features([cache[k] for k in keys])
+
     for protocol, ranking in rankings.items():
         results[protocol] = evaluate_lib.score(ranking)
         if protocol == "split":
-            database = delf_extractor.extract_files(ranking.database_paths)
-            queries = delf_extractor.extract_files(ranking.query_paths, dataset.query_boxes)
+            database = features(ranking.database_paths)
+            queries = features(ranking.query_paths, dataset.query_boxes)
             exclude = None
         else:
-            database = queries = delf_extractor.extract_files(ranking.query_paths)
+            database = queries = features(ranking.query_paths)
             exclude = np.arange(len(ranking.query_paths))
         scores = np.asarray(
             similarity.cosine_similarities(ranking.query_descriptors, ranking.database_descriptors)
@@ -415,6 +450,74 @@ def evaluate_delf(
             results[f"{protocol}+delf+qe"] = evaluate_lib.score(
                 dataclasses.replace(ranking, ranks=ranks)
             )
+    extracted = list(cache.values())
+    results["delf_features"] = {
+        "images": len(extracted),
+        "keypoints_per_image": float(np.mean([f.valid.sum() for f in extracted])),
+        "bytes_per_image": float(np.mean([delf_features_nbytes(f) for f in extracted])),
+        "seconds_per_image": seconds / max(len(extracted), 1),
+    }
+    return results
+
+
+def run_table(
+    data_root: str | pathlib.Path,
+    *,
+    delf_checkpoint: str | None = None,
+    global_checkpoint: str | None = None,
+    out: str | pathlib.Path | None = None,
+    protocols: Sequence[str] = ("split", "leave_one_out"),
+    global_max_side: int | None = None,
+    delf_settings: DelfSettings | None = None,
+    settings: rerank_lib.DelfRerankSettings | None = None,
+    cache_dir: str | pathlib.Path | None = None,
+) -> dict[str, Any]:
+    """One dataset's rows of the DELF table: global, + DELF, + DELF + QE (JSON to ``out``).
+
+    Args:
+      data_root: A revisitop-layout folder (e.g. ``../shared/data/smvs_eval``).
+      delf_checkpoint: DELF model directory; None is ImageNet MobileNetV2 stage3 with
+        keypoints by feature norm and no PCA.
+      global_checkpoint: Retrieval model of the global shortlist; None is ImageNet
+        MobileNetV2 + GeM.
+      out: JSON file to write, or None.
+      protocols: ``"split"`` and/or ``"leave_one_out"``.
+      global_max_side: Image size of the global descriptors (default: the model's).
+      delf_settings: DELF extraction (default: ``DelfSettings()``, the model's size).
+      settings: Re-ranking settings (default ``DelfRerankSettings()``).
+      cache_dir: Folder caching the global descriptors, or None.
+    """
+    from jaxretrieval import extraction
+    from jaxretrieval.data import datasets
+    from jaxretrieval.retrieval_model import ModelConfig
+
+    dataset = datasets.load_dataset(data_root)
+    global_settings = extraction.ExtractionSettings(max_side=global_max_side)
+    if global_checkpoint is None:
+        extractor = extraction.Extractor.pretrained(ModelConfig(), global_settings)
+    else:
+        extractor = extraction.Extractor.from_checkpoint(global_checkpoint, global_settings)
+    delf_settings = delf_settings or DelfSettings()
+    if delf_checkpoint is None:
+        delf = DelfExtractor.pretrained(settings=delf_settings)
+    else:
+        delf = DelfExtractor.from_checkpoint(delf_checkpoint, delf_settings)
+    extract = evaluate_lib.cached_extraction(extractor, cache_dir=cache_dir, progress=False)
+    results = evaluate_delf(dataset, extract, delf, protocols=protocols, settings=settings)
+    results["global_model"] = {
+        "checkpoint": global_checkpoint,
+        **extractor.model.to_json_dict(),
+        "max_side": extractor.settings.max_side,
+    }
+    results["delf_model"] = {
+        "checkpoint": delf_checkpoint,
+        **delf.config.to_json_dict(),
+        "settings": dataclasses.asdict(delf.settings),
+    }
+    if out is not None:
+        pathlib.Path(out).write_text(
+            json.dumps(results, indent=1, default=evaluate_lib.json_default)
+        )
     return results
 
 

@@ -2,6 +2,8 @@ r"""Learn the PCA of a trained DELF model's descriptors on training images.
 
   python -m experiments.delf_pca --checkpoint checkpoints/delf_attention_mobilenet_v2 \
       --train-csv ../shared/data/smvs_train/labels.csv --out checkpoints/delf_mobilenet_v2
+  python -m experiments.delf_pca --train-csv ../shared/data/smvs_train/labels.csv \
+      --out checkpoints/delf_imagenet_pca    # ImageNet weights: the no-fine-tuning model
 
 Extracts every keypoint (the model's pyramid, keypoint score and --max-features) of the
 training images listed in --train-csv (never an evaluation set), learns the PCA of the
@@ -22,7 +24,18 @@ from experiments import cli
 def parse_args(argv=None):
     """Parses the command line."""
     parser = cli.make_parser("delf_pca", __doc__)
-    parser.add_argument("--checkpoint", required=True, help="DELF model or training work dir")
+    parser.add_argument(
+        "--checkpoint",
+        default=None,
+        help="DELF model or training work dir (default: the ImageNet backbone, keypoints by "
+        "feature norm: the 'no fine-tuning' model)",
+    )
+    parser.add_argument(
+        "--backbone",
+        default=None,
+        choices=("mobilenet_v2", "vgg16"),
+        help="ImageNet backbone without --checkpoint (mobilenet_v2: stage3; vgg16: conv5_3)",
+    )
     parser.add_argument("--train-csv", required=True, help="labels.csv of the training images")
     parser.add_argument("--out", required=True, help="new model directory (PCA included)")
     parser.add_argument("--dim", type=cli._positive_int, default=40, help="PCA dimension (40)")
@@ -48,13 +61,23 @@ def main(argv=None) -> dict:
     from experiments import delf_lib
     from jaxretrieval import model_io
     from jaxretrieval.data import labelled
-    from jaxretrieval.local_features import DelfSettings
+    from jaxretrieval.local_features import DelfConfig, DelfSettings, init_delf_variables
 
-    source = model_io.resolve_model_directory(args.checkpoint)
     out = pathlib.Path(args.out)
-    if out.resolve() == source.resolve():
-        raise cli.CLIError(f"--out {out} is the model being read; write a new directory")
-    config, variables = model_io.load_delf_model(source)
+    if args.checkpoint is not None:
+        if args.backbone is not None:
+            raise cli.CLIError("--checkpoint already names the model; drop --backbone")
+        source = model_io.resolve_model_directory(args.checkpoint)
+        if out.resolve() == source.resolve():
+            raise cli.CLIError(f"--out {out} is the model being read; write a new directory")
+        config, variables = model_io.load_delf_model(source)
+        previous = model_io.read_model_file(source)["metadata"]
+    else:
+        backbone = args.backbone or "mobilenet_v2"
+        feature = "conv5_3" if backbone == "vgg16" else "stage3"
+        config = DelfConfig(backbone=backbone, feature_name=feature, keypoint_score="l2_norm")
+        variables = init_delf_variables(config)
+        previous = {"source": f"ImageNet {backbone} {feature}, no fine-tuning"}
     if (out / model_io.MODEL_FILE).exists():
         print(f"replacing the model in {out}")
     images = labelled.from_csv(args.train_csv)
@@ -76,7 +99,7 @@ def main(argv=None) -> dict:
     except ValueError as e:
         raise cli.CLIError(str(e)) from e
     facts = {**facts, "pca_train_csv": str(args.train_csv), "pca_whitening": args.whitening}
-    metadata = {**model_io.read_model_file(source)["metadata"], "pca": facts}
+    metadata = {**previous, "pca": facts}
     model_io.save_model(out, new_config, new_variables, metadata=metadata)
     print(json.dumps(facts, indent=2))
     print(f"wrote {out}")

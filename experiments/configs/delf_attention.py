@@ -7,8 +7,14 @@ r"""DELF stage 2, attention: only the attention head and its classifier train.
 It starts from the stage-1 work directory (experiments/configs/delf_descriptor.py);
 then learn the PCA: python -m experiments.delf_pca --checkpoint
 checkpoints/delf_attention_mobilenet_v2 --train-csv ../shared/data/smvs_train/labels.csv
---out checkpoints/delf_mobilenet_v2. ``:smoke`` shrinks everything for the tests (its
-init_checkpoint must be a smoke stage-1 run).
+--out checkpoints/delf_mobilenet_v2. The ablation without fine-tuning trains the head on
+the ImageNet backbone instead:
+
+  python -m experiments.train --config experiments/configs/delf_attention.py \
+      --workdir checkpoints/delf_attention_imagenet --config.delf.attention_on_imagenet=true
+
+``:smoke`` shrinks everything for the tests (its init_checkpoint must be a smoke
+stage-1 run).
 
 The head (1x1 conv to 512, ReLU, 1x1 conv to 1, softplus) weights the L2-normalised
 stage3 cells; their weighted mean feeds a dense classifier over the 293 training
@@ -31,6 +37,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "smoke"):
         raise ValueError(f"unknown argument {arg!r}; use none or 'smoke'")
     config.delf.stage = "attention"
+    # True (and no init_checkpoint): attention on the ImageNet backbone, the ablation
+    # "attention without fine-tuning" (checkpoints/delf_attention_imagenet).
+    config.delf.attention_on_imagenet = False
     config.model.first_trainable = None  # unused: the backbone is frozen
     config.data.augment.min_scale = 0.5
     config.data.augment.crop_fraction = 1.0

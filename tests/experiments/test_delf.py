@@ -95,10 +95,14 @@ def test_attention_stage_trains_only_the_head(stages):
     )
 
 
-def test_attention_stage_needs_a_stage_one_model(tmp_path):
+def test_attention_stage_needs_a_stage_one_model_or_imagenet(tmp_path):
     config = train.load_config(f"{ATTENTION}:smoke")
     with pytest.raises(ValueError, match="init_checkpoint=<stage-1 work directory>"):
         delf_lib.DelfTask(config, tmp_path)
+    train.apply_overrides(config, ["--config.delf.attention_on_imagenet=true"])
+    task = delf_lib.DelfTask(config, tmp_path)  # the ablation: attention, no fine-tuning
+    assert task.delf_config.keypoint_score == "attention" and task.delf_config.num_classes == 8
+    assert task.trainable(("attention", "hidden")) and not task.trainable(("backbone", "block13"))
 
 
 def test_delf_pca_cli_and_match_cli(stages, shared_data, tmp_path, capsys):
@@ -223,26 +227,30 @@ def test_delf_rerank_and_verified_query_expansion():
         rerank_lib.delf_ranks("dsm", globals_q, globals_db, None, None)
 
 
-def test_evaluate_delf_on_a_small_set(shared_data):
-    from experiments import evaluate_lib
-    from jaxretrieval import extraction
-    from jaxretrieval.data import datasets
-    from jaxretrieval.retrieval_model import ModelConfig
-
-    dataset = datasets.load_dataset(shared_data / "landmarks_mini")
-    extract = extraction.Extractor.pretrained(ModelConfig(max_side=64))
-    delf = DelfExtractor.pretrained(
-        DelfConfig(keypoint_score="l2_norm", max_side=96),
-        DelfSettings(scales=(1.0,), max_features=32),
-    )
-    settings = rerank_lib.DelfRerankSettings(num_hypotheses=16)
-    results = delf_lib.evaluate_delf(
-        dataset, lambda p, b=None: extract(p, b, progress=False), delf, settings=settings
+def test_run_table_on_a_small_set(shared_data, tmp_path):
+    out = tmp_path / "table.json"
+    results = delf_lib.run_table(
+        shared_data / "landmarks_mini",
+        out=out,
+        protocols=("split",),
+        global_max_side=64,
+        delf_settings=DelfSettings(max_side=96, scales=(1.0,), max_features=32),
+        settings=rerank_lib.DelfRerankSettings(num_hypotheses=16),
     )
     for key in ("split", "split+delf", "split+delf+qe"):
         assert 0.0 < results[key]["medium"]["map"] <= 1.0
     assert results["split+delf_inliers"].shape == (7, 22)
-    del evaluate_lib
+    facts = results["delf_features"]
+    assert facts["images"] == 29 and facts["bytes_per_image"] > 0  # 22 + 7 cropped queries
+    saved = json.loads(out.read_text())
+    assert (
+        saved["delf_model"]["keypoint_score"] == "l2_norm"
+        and saved["global_model"]["max_side"] == 64
+    )
+    delf = DelfExtractor.pretrained(settings=DelfSettings(max_side=96, scales=(1.0,)))
+    query = str(sorted((shared_data / "landmarks_mini" / "images").iterdir())[0])
+    picture = delf_lib.save_attention_maps(delf, [query], tmp_path / "a.png")
+    assert picture.stat().st_size > 1000
 
 
 def test_delf_pca_help_and_errors(tmp_path, capsys):
