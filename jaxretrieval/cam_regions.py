@@ -29,8 +29,10 @@ Where we differ from the paper, and why:
   benchmark passes the paper's per-class PCA aggregation).
 * Region 0 is always the whole image (the paper's lowest threshold, 0.01, gives nearly
   that), so re-ranking can fall back on the whole image.
-* Boxes use the authors' released CAM normalisation (``max(cam, 0) / max(cam)``) and
-  thresholds relative to each map's maximum, as their ``extract_ROI`` does; OpenCV's
+* Boxes come from the paper's min-max normalised CAMs (those the descriptor weights
+  with), thresholded at fractions of each map's maximum as the authors' ``extract_ROI``
+  does; their released code max-normalises instead, which keeps a backbone's positive
+  CAM floor (MobileNetV2's is large) above every threshold. OpenCV's
   ``connectedComponentsWithStats`` (8-connectivity) finds the components.
 
 Boxes are ``(top, left, bottom, right)`` in feature-map cells, half-open (as
@@ -459,7 +461,7 @@ class CAMRegionExtractor:
                 classifier["kernel"],
                 num_classes=num_classes,
                 classifier_bias=classifier["bias"],
-                normalization="max",
+                normalization="minmax",
                 valid=out["valid"],
             )
             return out["features"], out["valid"], cams, classes
