@@ -521,6 +521,161 @@ def run_table(
     return results
 
 
+# ------------------------------------------------------------------ geometric checks
+
+
+def homography_pairs(shared_data: str | pathlib.Path) -> list[tuple[str, str, str, str]]:
+    """``(name, image a, image b, homography a -> b)`` of every pair with a true homography.
+
+    graf (oxford_affine_graf) and bikes, boat, leuven, wall (oxford_affine_seq): img1
+    against img2..img6; the EVD pairs of wxbs_evd_pairs: image 1 against image 2.
+    """
+    root = pathlib.Path(shared_data)
+    pairs = []
+    graf = root / "oxford_affine_graf"
+    for k in range(2, 7):
+        pairs.append((f"graf 1-{k}", graf / "img1.ppm", graf / f"img{k}.ppm", graf / f"H1to{k}p"))
+    seq = root / "oxford_affine_seq"
+    for name in ("bikes", "boat", "leuven", "wall"):
+        for k in range(2, 7):
+            pairs.append(
+                (
+                    f"{name} 1-{k}",
+                    seq / "images" / f"{name}__img1.png",
+                    seq / "images" / f"{name}__img{k}.png",
+                    seq / "homographies" / f"{name}__H1to{k}p.txt",
+                )
+            )
+    evd = root / "wxbs_evd_pairs"
+    for path in sorted((evd / "homographies").glob("*__H1to2.txt")):
+        name = path.name.split("__")[0]
+        pairs.append(
+            (name, evd / "images" / f"{name}__1.png", evd / "images" / f"{name}__2.png", path)
+        )
+    return [(n, str(a), str(b), str(h)) for n, a, b, h in pairs]
+
+
+def _apply_homography(homography: np.ndarray, points: np.ndarray) -> np.ndarray:
+    mapped = np.c_[points, np.ones(len(points))] @ homography.T  # (n, 3)
+    return mapped[:, :2] / mapped[:, 2:3]
+
+
+def homography_check(
+    extractor: DelfExtractor,
+    path_a: str,
+    path_b: str,
+    homography_path: str,
+    *,
+    settings: VerificationSettings | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """DELF matching of one pair against its true homography.
+
+    Each inlier's location in image a is mapped by the true homography (between the
+    original images, rescaled to the loaded sizes) and compared with its partner's
+    location in image b.
+
+    Returns:
+      ``num_inliers``, ``num_tentative``, ``median_error`` (pixels of the loaded image b;
+      NaN without inliers) and ``precision`` (inliers within the RANSAC threshold of
+      their true position).
+    """
+    from jaxretrieval.data import images as image_io
+
+    settings = settings or VerificationSettings()
+    image_a, image_b = extractor.load(path_a), extractor.load(path_b)
+    scale_a = image_a.shape[1] / image_io.image_size(path_a)[1]
+    scale_b = image_b.shape[1] / image_io.image_size(path_b)[1]
+    result = match_pair(extractor(image_a), extractor(image_b), settings, seed=seed)
+    homography = np.loadtxt(homography_path).reshape(3, 3)
+    truth = _apply_homography(homography, result["points_a"] / scale_a) * scale_b
+    errors = np.linalg.norm(truth - result["points_b"], axis=1)
+    return {
+        "num_inliers": result["num_inliers"],
+        "num_tentative": result["num_tentative"],
+        "median_error": float(np.median(errors)) if len(errors) else float("nan"),
+        "precision": float(np.mean(errors < settings.error_threshold)) if len(errors) else 0.0,
+    }
+
+
+def homography_table(
+    extractor: DelfExtractor,
+    shared_data: str | pathlib.Path,
+    *,
+    settings: VerificationSettings | None = None,
+) -> str:
+    """A Markdown table of :func:`homography_check` over :func:`homography_pairs`."""
+    lines = [
+        "| pair | inliers | tentative | median error px | precision |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for name, path_a, path_b, homography in homography_pairs(shared_data):
+        r = homography_check(extractor, path_a, path_b, homography, settings=settings)
+        lines.append(
+            f"| {name} | {r['num_inliers']} | {r['num_tentative']} | "
+            f"{r['median_error']:.1f} | {r['precision']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def box_pair_check(
+    extractor: DelfExtractor,
+    folder: str | pathlib.Path,
+    *,
+    settings: VerificationSettings | None = None,
+) -> dict[str, Any]:
+    """DELF's affine map of the box into the scene against OpenCV SIFT + RANSAC.
+
+    There is no ground truth for ``opencv_box_pair``: the reference is SIFT, Lowe's
+    ratio test (0.75) and a RANSAC homography (``cv2.findHomography``, 5 px), as in
+    benchmarks/dsm_box_pair.py. Returns the inlier counts and the distance between the
+    box corners mapped by DELF's affine map and by the SIFT homography (scene pixels of
+    the original image).
+    """
+    import cv2
+
+    from jaxretrieval.data import images as image_io
+
+    folder = pathlib.Path(folder)
+    box, scene = (
+        image_io.load_image(folder / "box.png"),
+        image_io.load_image(folder / "box_in_scene.png"),
+    )
+    sift = cv2.SIFT_create()
+    keys_a, desc_a = sift.detectAndCompute(cv2.cvtColor(box, cv2.COLOR_RGB2GRAY), None)
+    keys_b, desc_b = sift.detectAndCompute(cv2.cvtColor(scene, cv2.COLOR_RGB2GRAY), None)
+    good = [
+        m
+        for m, n in cv2.BFMatcher(cv2.NORM_L2).knnMatch(desc_a, desc_b, k=2)
+        if m.distance < 0.75 * n.distance
+    ]
+    homography, mask = cv2.findHomography(
+        np.float32([keys_a[m.queryIdx].pt for m in good]),
+        np.float32([keys_b[m.trainIdx].pt for m in good]),
+        cv2.RANSAC,
+        5.0,
+    )
+    image_a, image_b = (
+        extractor.load(folder / "box.png"),
+        extractor.load(folder / "box_in_scene.png"),
+    )
+    scale_a, scale_b = image_a.shape[1] / box.shape[1], image_b.shape[1] / scene.shape[1]
+    result = match_pair(extractor(image_a), extractor(image_b), settings)
+    height, width = box.shape[:2]
+    corners = np.array([[0, 0], [width, 0], [width, height], [0, height]], np.float64)
+    transform = np.asarray(result["transform"], np.float64)
+    delf_corners = (corners * scale_a @ transform[:, :2].T + transform[:, 2]) / scale_b
+    sift_corners = _apply_homography(homography, corners)
+    return {
+        "num_inliers": result["num_inliers"],
+        "num_tentative": result["num_tentative"],
+        "sift_inliers": int(mask.sum()),
+        "delf_corners": delf_corners,
+        "sift_corners": sift_corners,
+        "corner_errors": np.linalg.norm(delf_corners - sift_corners, axis=1),
+    }
+
+
 # ------------------------------------------------------------------------- attention maps
 
 

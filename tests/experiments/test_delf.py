@@ -125,6 +125,14 @@ def test_delf_pca_cli_and_match_cli(stages, shared_data, tmp_path, capsys):
     )
     assert picture.is_file() and len(results) == 1 and results[0][0] >= 0
     assert "inliers" in capsys.readouterr().out
+    # The geometric checks, with the same model and sizes (the same compiled kernels).
+    extractor = DelfExtractor.from_checkpoint(out, DelfSettings(max_side=128, max_features=100))
+    box = delf_lib.box_pair_check(extractor, folder)
+    assert box["sift_inliers"] > 20 and box["corner_errors"].shape == (4,)
+    pairs = delf_lib.homography_pairs(shared_data)
+    assert len(pairs) == 25 + 4 and pairs[0][0] == "graf 1-2"
+    check = delf_lib.homography_check(extractor, *pairs[0][1:])
+    assert check["num_tentative"] >= check["num_inliers"] >= 0 and 0 <= check["precision"] <= 1
     # The other kind of model is refused in one line.
     with pytest.raises(SystemExit):
         cli.run(
