@@ -57,3 +57,11 @@ def test_init_model_writes_a_loadable_model(tmp_path):
     config, variables = model_io.load_model(path)
     assert config == retrieval_model.ModelConfig(pooling="darac", max_side=96)
     np.testing.assert_array_equal(variables["params"]["darac"]["region_weights"], 1.0)
+    # Re-saved at the poster's three resolutions: 1020, 540 and 299 px.
+    again = init_model.main(
+        ["--checkpoint", str(path), "--max-side", "1020", "--scales", "1", "0.5294", "0.2931"]
+        + ["--out", str(tmp_path / "multires")]
+    )
+    config, resaved = model_io.load_model(again)
+    assert [round(1020 * s) for s in config.scales] == [1020, 540, 299]
+    assert model_io.variables_digest(resaved) == model_io.variables_digest(variables)
