@@ -14,6 +14,7 @@ Model flags: ``--checkpoint DIR`` (a saved model or a training work directory) o
 import argparse
 import os
 import pathlib
+import pickle
 import sys
 from collections.abc import Callable
 from typing import Any, NoReturn
@@ -35,7 +36,9 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
     image_io.ImageDecodeError,
     ImageTooSmallError,
     safe_pickle.UnsafePickleError,
+    pickle.UnpicklingError,  # a truncated or non-pickle ground truth (the message names it)
     weights.TorchFileError,
+    extraction.NonFiniteDescriptorsError,
 )
 
 
@@ -174,6 +177,15 @@ def model_from_args(args: argparse.Namespace) -> tuple[retrieval_model.ModelConf
         if args.weights is not None:
             raise
         raise CLIError(f"--backbone {config.backbone}: {e}; give the file with --weights") from e
+    except weights.TorchFileError:
+        raise  # a damaged file: its own message says what is wrong
+    except (KeyError, ValueError) as e:  # a readable file of another network
+        if args.weights is None:
+            raise
+        reason = e.args[0] if isinstance(e, KeyError) and e.args else e
+        raise CLIError(
+            f"--weights {args.weights} does not fit --backbone {config.backbone}: {reason}"
+        ) from e
 
 
 def settings_from_args(args: argparse.Namespace) -> extraction.ExtractionSettings:

@@ -12,7 +12,10 @@ from jaxretrieval import extraction, search
 
 logger = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp"}
+IMAGE_EXTENSIONS = {
+    *(".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp"),
+    ".gif",  # the first frame (OpenCV >= 4.11 decodes GIF; older ones skip it, saying so)
+}
 INDEX_DIR_NAME = ".jaxretrieval_index"
 
 

@@ -59,6 +59,37 @@ Box = Sequence[float | int]  # (x1, y1, x2, y2) in pixels
 CACHE_FORMAT = 2  # bump when the cache's meaning changes
 
 
+class NonFiniteDescriptorsError(ValueError):
+    """Descriptors came out NaN or infinite; they are neither returned nor saved."""
+
+
+_MAX_LISTED = 3
+
+
+def check_finite_descriptors(
+    descriptors: dict[str, np.ndarray], valid: np.ndarray, paths: Sequence[str]
+) -> None:
+    """Raises :class:`NonFiniteDescriptorsError` naming the images with NaN/inf rows.
+
+    Args:
+      descriptors: ``(N, D)`` arrays by name (final descriptors, extra poolings).
+      valid: ``(N,)`` rows that hold an image (others are zeros by construction).
+      paths: The N image files.
+    """
+    finite = np.ones(len(paths), bool)
+    for x in descriptors.values():
+        finite &= np.isfinite(x).all(axis=1)
+    bad = np.flatnonzero(valid & ~finite)
+    if bad.size:
+        listed = ", ".join(str(paths[i]) for i in bad[:_MAX_LISTED])
+        more = f" and {bad.size - _MAX_LISTED} more" if bad.size > _MAX_LISTED else ""
+        raise NonFiniteDescriptorsError(
+            f"{bad.size} of {int(valid.sum())} images got NaN or infinite descriptors: "
+            f"{listed}{more}; nothing of them was saved or indexed. The model's variables "
+            "(--checkpoint / --weights) are the usual cause: check them for NaN/inf."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class ExtractionSettings:
     """How to extract (what to extract is the model); hashable.
@@ -277,6 +308,8 @@ class Extractor:
 
         Raises:
           jaxretrieval.data.images.ImageDecodeError: With ``strict``, for a bad image.
+          NonFiniteDescriptorsError: Descriptors of some images are NaN or infinite (the
+            message names them); the chunk holding them is not passed to ``on_chunk``.
           ValueError: If ``boxes`` does not match ``paths`` in length.
         """
         paths = [os.fspath(p) for p in paths]
@@ -373,6 +406,8 @@ class Extractor:
         if self.model.whitening_dim is not None:
             descriptors = np.asarray(self._whiten(self.variables["params"], descriptors))
             descriptors = descriptors * valid[:, None]
+        # Before anything is returned, saved (on_chunk) or indexed.
+        check_finite_descriptors({"descriptors": descriptors, **by_pooling}, valid, paths)
         return ExtractionResult(
             descriptors=descriptors.astype(np.float32),
             valid=valid,
