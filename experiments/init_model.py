@@ -7,9 +7,7 @@ r"""Save a model directory with ImageNet weights and a fresh head, for any pooli
   python -m experiments.init_model --checkpoint checkpoints/darac_mobilenet_v2_nra \
       --max-side 1020 --scales 1 0.5294 0.2931 --out checkpoints/darac_mobilenet_v2_nra_multires
 
-The training loop builds GeM models itself; a model with another head (DARAC's learned
-region weights, ``params["darac"]``) starts from such a directory, named by the training
-config's ``model.init_checkpoint`` (experiments/configs/darac_mobilenet_v2.py). The
+Such a directory can also start a training run (``model.init_checkpoint``). The
 directory records the backbone, pooling, image size (--max-side, default 224) and scales
 (--multi-scale, or any --scales) like any saved model, so every CLI reads it with
 --checkpoint. With --checkpoint it re-saves a model (e.g. a trained one) at another image

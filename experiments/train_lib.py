@@ -71,7 +71,7 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
     """The :class:`ModelConfig` of a training config (image size = the training canvas)."""
     return ModelConfig(
         backbone=config.model.backbone,
-        pooling="gem",
+        pooling=config.model.get("pooling", "gem"),
         gem_p=config.model.gem_p,
         whitening_dim=config.model.get("whitening_dim"),
         max_side=config.data.image_size,

@@ -1,7 +1,5 @@
 r"""DARAC on a frozen MobileNetV2: learn the 21x2 region weights on smvs_train (NRA or triplet).
 
-  python -m experiments.init_model --pooling darac --max-side 299 \
-      --out checkpoints/darac_mobilenet_v2_init_299
   python -m experiments.train --config experiments/configs/darac_mobilenet_v2.py:nra \
       --workdir checkpoints/darac_mobilenet_v2_nra
   python -m experiments.train --config experiments/configs/darac_mobilenet_v2.py:triplet \
@@ -11,10 +9,8 @@ The argument after ``:`` picks the loss, ``nra`` (the poster's, default) or ``tr
 (the comparison), and ``smoke`` shrinks the run to what the tests run (``nra,smoke``,
 ``triplet,smoke``; ``smoke`` alone is NRA).
 
-The training loop builds GeM models itself, so the DARAC model comes from
-``model.init_checkpoint``: the ImageNet MobileNetV2 with DARAC's head at its
-initialisation (equal weights), written once by the first command above for the training
-image size (``data.image_size``). The whole backbone is frozen
+The model is the ImageNet MobileNetV2 with DARAC's head (``model.pooling = "darac"``) at
+its initialisation (equal weights). The whole backbone is frozen
 (``first_trainable = "head"``), so only DARAC's 42 weights train: one per region of the
 fixed 21-region grid and per part (max, average), initialised to 1 (RAMAC's sum).
 Because 42 scalars starting at 1 would barely move at the backbone's learning rate, the
@@ -30,19 +26,11 @@ in ``metrics.jsonl``; the test-set numbers are benchmarks/darac_table.py's.
 Validation: 10% of smvs_train's scenes are held out (never an evaluation set).
 """
 
-import pathlib
-
 import ml_collections
 
 from experiments.configs import smvs_mobilenet_v2
 
-REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 LOSSES = ("nra", "triplet")
-
-
-def initial_model_dir(image_size: int) -> str:
-    """Where ``python -m experiments.init_model --pooling darac`` writes the start model."""
-    return str(REPO_ROOT / "checkpoints" / f"darac_mobilenet_v2_init_{image_size}")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -53,6 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         raise ValueError(f"unknown loss in {arg!r}; choose from {', '.join(LOSSES)} (+ ',smoke')")
     config = smvs_mobilenet_v2.get_config(losses[0])
 
+    config.model.pooling = "darac"
     config.model.first_trainable = "head"  # frozen backbone: only DARAC's weights train
     config.data.image_size = 299
     config.optim.learning_rate = 1e-2
@@ -72,5 +61,4 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.warmup_steps = 0
         config.checkpoint.every_steps = 1
         config.eval.every_steps = 2
-    config.model.init_checkpoint = initial_model_dir(config.data.image_size)
     return config

@@ -46,6 +46,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = ml_collections.ConfigDict()
     config.model.backbone = "mobilenet_v2"
+    config.model.pooling = "gem"
     config.model.gem_p = 3.0
     config.model.whitening_dim = ml_collections.config_dict.placeholder(int)
     config.model.first_trainable = "block14"
