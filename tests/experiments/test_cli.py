@@ -8,13 +8,28 @@ import cv2
 import numpy as np
 import pytest
 
-from experiments import cli, demo, evaluate, extract, learn_whitening, match, search, train
+from experiments import (
+    cli,
+    delf_pca,
+    demo,
+    download,
+    evaluate,
+    extract,
+    init_model,
+    learn_whitening,
+    match,
+    search,
+    train,
+)
 from jaxretrieval import model_io, retrieval_model
 from jaxretrieval.retrieval_model import ModelConfig
 
 CLIS = {
+    "delf_pca": delf_pca,
     "demo": demo,
+    "download": download,
     "evaluate": evaluate,
+    "init_model": init_model,
     "extract": extract,
     "learn_whitening": learn_whitening,
     "search": search,
