@@ -26,7 +26,7 @@ import pathlib
 from experiments import cli, evaluate_lib, plotting, rerank_lib
 from jaxretrieval.cam_regions import CAMRegionExtractor
 from jaxretrieval.data import datasets
-from jaxretrieval.spatial_verification import DSMFeatureExtractor
+from jaxretrieval.spatial_verification import DSMFeatureExtractor, DSMSettings
 
 
 def parse_args(argv=None):
@@ -42,11 +42,24 @@ def parse_args(argv=None):
         "--rerank",
         nargs="+",
         default=["none"],
-        choices=rerank_lib.METHODS,
+        choices=(*rerank_lib.METHODS, *rerank_lib.DELF_METHODS),
         help="re-rank each protocol's ranking: query expansion (aqe, alpha-qe, "
         "dba+alpha-qe), diffusion, DSM spatial verification (dsm), DSM-seeded diffusion, or "
         "CAM region re-ranking + QE (cam-regions: the top 100 by best CAM region, then QE "
-        "with the top 10); several may be given and each is scored",
+        "with the top 10), or DELF local features (delf, delf+qe: see --delf-checkpoint); "
+        "several may be given and each is scored",
+    )
+    parser.add_argument(
+        "--delf-checkpoint",
+        default=None,
+        help="DELF model directory for --rerank delf / delf+qe (default: ImageNet "
+        "MobileNetV2 stage3 features, keypoints by feature norm, no PCA)",
+    )
+    parser.add_argument(
+        "--dsm-published",
+        action="store_true",
+        help="DSM with the authors' settings (DSMSettings.published: per-scale-pair "
+        "verification, NMS 0.2 on database images, per-channel budgets, top 100)",
     )
     cli.add_model_args(parser)
     return parser.parse_args(argv)
@@ -71,8 +84,23 @@ def main(argv=None) -> dict:
         cli.check_output_file(args.json)
     extractor = cli.extractor_from_args(args)
     dsm_extractor = None
+    rerank_settings = rerank_lib.RerankSettings()
     if {"dsm", "dsm+diffusion"} & set(args.rerank):
-        dsm_extractor = DSMFeatureExtractor(extractor.model, extractor.variables, pad_multiple=64)
+        dsm_settings = None
+        if args.dsm_published:
+            dsm_settings = DSMSettings.published(extractor.model.backbone)
+            rerank_settings = rerank_lib.dsm_published_settings()
+        dsm_extractor = DSMFeatureExtractor(
+            extractor.model, extractor.variables, pad_multiple=64, settings=dsm_settings
+        )
+    delf_extractor = None
+    if set(rerank_lib.DELF_METHODS) & set(args.rerank):
+        from jaxretrieval.local_features import DelfExtractor
+
+        if args.delf_checkpoint:
+            delf_extractor = DelfExtractor.from_checkpoint(args.delf_checkpoint)
+        else:
+            delf_extractor = DelfExtractor.pretrained()
     cam_extractor = None
     if "cam-regions" in args.rerank:
         try:
@@ -87,8 +115,10 @@ def main(argv=None) -> dict:
         ),
         protocols=protocols,
         reranking=args.rerank,
+        rerank_settings=rerank_settings,
         dsm_extractor=dsm_extractor,
         cam_extractor=cam_extractor,
+        delf_extractor=delf_extractor,
     )
     results = {
         **results,

@@ -173,6 +173,8 @@ def evaluate(
     rerank_settings: rerank_lib.RerankSettings = rerank_lib.RerankSettings(),
     dsm_extractor: DSMFeatureExtractor | None = None,
     cam_extractor: cam_regions.CAMRegionExtractor | None = None,
+    delf_extractor: Any = None,
+    delf_settings: rerank_lib.DelfRerankSettings = rerank_lib.DelfRerankSettings(),
 ) -> tuple[dict[str, Any], dict[str, DatasetRanking]]:
     """Metrics of every protocol, and of every protocol re-ranked by each method.
 
@@ -189,6 +191,9 @@ def evaluate(
       rerank_settings: Their parameters (recorded in the output).
       dsm_extractor: Local features for ``dsm`` and ``dsm+diffusion``.
       cam_extractor: CAM regions for ``cam-regions`` (the same model as ``extract``).
+      delf_extractor: A :class:`jaxretrieval.local_features.DelfExtractor` for ``delf``
+        and ``delf+qe`` (:data:`experiments.rerank_lib.DELF_METHODS`).
+      delf_settings: Their parameters (recorded in the output).
 
     Returns:
       ``(results, rankings)``: ``results`` maps ``"dataset"``, ``"rerank_settings"``,
@@ -196,13 +201,17 @@ def evaluate(
       ``rankings`` maps the same keys to their :class:`DatasetRanking`.
     """
     methods = [m for m in reranking if m != "none"]
-    unknown = set(methods) - set(rerank_lib.METHODS)
+    known = (*rerank_lib.METHODS, *rerank_lib.DELF_METHODS)
+    unknown = set(methods) - set(known)
     if unknown:
-        raise ValueError(
-            f"unknown re-ranking {sorted(unknown)}; choose from {', '.join(rerank_lib.METHODS)}."
-        )
+        raise ValueError(f"unknown re-ranking {sorted(unknown)}; choose from {', '.join(known)}.")
     rankings = dict(rank_protocols(dataset, extract, protocols))
     for method in methods:
+        if method in rerank_lib.DELF_METHODS:
+            rankings.update(
+                _delf_rankings(method, rankings, dataset, delf_extractor, delf_settings)
+            )
+            continue
         if "split" in rankings:
             split = rankings["split"]
             ranks = rerank_lib.rerank_split(
@@ -229,11 +238,44 @@ def evaluate(
             )
             rankings[f"leave_one_out+{method}"] = dataclasses.replace(loo, ranks=ranks)
     results: dict[str, Any] = {"dataset": dataset.name}
-    if methods:
+    if set(methods) - set(rerank_lib.DELF_METHODS):
         results["rerank_settings"] = dataclasses.asdict(rerank_settings)
+    if set(methods) & set(rerank_lib.DELF_METHODS):
+        results["delf_settings"] = dataclasses.asdict(delf_settings)
     for key, ranking in rankings.items():
         results[key] = score(ranking)
     return results, rankings
+
+
+def _delf_rankings(method, rankings, dataset, delf_extractor, settings):
+    """``<protocol>+delf`` rankings: the global shortlists re-ranked by DELF inliers."""
+    if delf_extractor is None:
+        raise ValueError(f"re-ranking {method!r} needs a DELF model (delf_extractor).")
+    out = {}
+    if "split" in rankings:
+        split = rankings["split"]
+        ranks = rerank_lib.delf_rerank_split(
+            method,
+            split.query_descriptors,
+            split.database_descriptors,
+            delf_extractor=delf_extractor,
+            query_paths=split.query_paths,
+            database_paths=split.database_paths,
+            query_boxes=dataset.query_boxes,
+            settings=settings,
+        )
+        out[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
+    if "leave_one_out" in rankings:
+        loo = rankings["leave_one_out"]
+        ranks = rerank_lib.delf_rerank_leave_one_out(
+            method,
+            loo.query_descriptors,
+            delf_extractor=delf_extractor,
+            paths=loo.query_paths,
+            settings=settings,
+        )
+        out[f"leave_one_out+{method}"] = dataclasses.replace(loo, ranks=ranks)
+    return out
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:

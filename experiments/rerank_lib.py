@@ -72,6 +72,13 @@ class RerankSettings:
       dsm_shortlist: Images verified per query; None verifies the whole database.
       dsm_max_correspondences: Tentative correspondences per pair.
       dsm_count_distinct: Count each feature at most once among the inliers.
+      dsm_separate_scales: Verify every query scale against every database scale and
+        keep the best pair (the authors' code) instead of one merged feature set.
+      dsm_num_seeds: Seeds of DSM-seeded diffusion (None: ``num_seeds``).
+      dsm_seed_candidates: Seeds are chosen among this many re-ranked images (None: the
+        verified shortlist).
+      dsm_seeds_weighted_by_similarity: Seed weights are inliers/max times the global
+        similarity (the authors' ``y = y1 .* sim``) instead of inliers alone.
       cam_shortlist: Images re-scored by their best CAM region per query (the paper's R).
       cam_expansion: Best regions of the top re-ranked images added to the query (QE);
         0 keeps the region order.
@@ -92,11 +99,41 @@ class RerankSettings:
     dsm_shortlist: int | None = None
     dsm_max_correspondences: int = 1024
     dsm_count_distinct: bool = False
+    dsm_separate_scales: bool = False
+    dsm_num_seeds: int | None = None
+    dsm_seed_candidates: int | None = None
+    dsm_seeds_weighted_by_similarity: bool = False
     cam_shortlist: int = 100
     cam_expansion: int = 10
     cam_thresholds: tuple[float, ...] = cam_regions.DEFAULT_THRESHOLDS
     cam_box_classes: int = 3
     cam_max_side: int | None = None
+
+
+def dsm_published_settings() -> RerankSettings:
+    """The re-ranking parameters of the DSM authors' code (osimeoni/DSM, test_dsm.m).
+
+    DSM: 1024 px, threshold 2 cells, top 100 verified and stably sorted by inliers (no
+    minimum), at most 512 correspondences per scale pair, scales verified pair by pair.
+    DSM+D: seeds among the top 10 re-ranked images, weighted by inliers/max times the
+    global similarity, the first 4 kept (``y(id(kq:end)) = 0`` with kq = 5); diffusion
+    (run_diffusion.m): graph k = 50, 5 seeds for plain diffusion, alpha 0.99, gamma 3.
+    """
+    return RerankSettings(
+        graph_k=50,
+        num_seeds=5,
+        diffusion_alpha=0.99,
+        gamma=3.0,
+        dsm_max_side=1024,
+        dsm_threshold_cells=2.0,
+        dsm_min_inliers=0,
+        dsm_shortlist=100,
+        dsm_max_correspondences=512,
+        dsm_separate_scales=True,
+        dsm_num_seeds=4,
+        dsm_seed_candidates=10,
+        dsm_seeds_weighted_by_similarity=True,
+    )
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -246,7 +283,11 @@ def diffusion_ranks(
 
 @functools.cache
 def _jitted_rerank(
-    shortlist_size: int, count_distinct: bool, max_correspondences: int, min_inliers: int
+    shortlist_size: int,
+    count_distinct: bool,
+    max_correspondences: int,
+    min_inliers: int,
+    num_scales: int | None,
 ):
     return jax.jit(
         functools.partial(
@@ -255,6 +296,7 @@ def _jitted_rerank(
             min_inliers=min_inliers,
             max_correspondences=max_correspondences,
             count_distinct=count_distinct,
+            num_scales=num_scales,
         )
     )
 
@@ -270,6 +312,7 @@ def dsm_rerank(
     max_correspondences: int = 1024,
     shortlist_size: int | None = None,
     min_inliers: int = MIN_INLIERS,
+    num_scales: int | None = None,
 ) -> tuple[Reranking, np.ndarray]:
     """Verifies each query's shortlist with DSM and re-orders it by inliers.
 
@@ -286,6 +329,8 @@ def dsm_rerank(
       max_correspondences: Tentative correspondences per pair.
       shortlist_size: Images verified per query (default: the whole database).
       min_inliers: Fewer inliers than this count as unverified.
+      num_scales: Verify each pair of scales separately and keep the best (the features'
+        ``scale_ids``); None verifies the merged scales once.
 
     Returns:
       The :class:`Reranking` and the (Q, N) inlier count of every verified pair (database
@@ -297,7 +342,9 @@ def dsm_rerank(
     global_ranks = ranks_of(scores).astype(np.int32)
     candidates = num_database - (exclude is not None)
     shortlist_size = candidates if shortlist_size is None else min(shortlist_size, candidates)
-    rerank = _jitted_rerank(shortlist_size, count_distinct, max_correspondences, min_inliers)
+    rerank = _jitted_rerank(
+        shortlist_size, count_distinct, max_correspondences, min_inliers, num_scales
+    )
     finite_scores = np.where(np.isfinite(scores), scores, -2.0)
     ranks, inliers_sorted = [], []
     for q in range(num_queries):
@@ -324,6 +371,7 @@ def local_features(
     *,
     max_side: int = 512,
     boxes: Sequence[Box | None] | None = None,
+    as_query: bool = False,
 ) -> LocalFeatures:
     """Stacked DSM local features of image files (host MSER per image).
 
@@ -334,6 +382,8 @@ def local_features(
       boxes: Optional crop (x1, y1, x2, y2) per image, applied before resizing, as for
         the global descriptors of cropped queries (revisitop); None entries are whole
         images.
+      as_query: Select features as for query images (the published setting selects
+        queries and database images differently; ours alike).
     """
     if boxes is not None and len(boxes) != len(paths):
         raise ValueError(f"got {len(boxes)} boxes for {len(paths)} images.")
@@ -345,7 +395,7 @@ def local_features(
             (image,) = image_io.load_scaled(path, max_side=max_side, box=box, upscale=False)
             extractor.check_size(image, name=f"{path} cropped to {tuple(box)}")
             images.append(image)
-    return stack_local_features([extractor(image) for image in images])
+    return stack_local_features([extractor(image, as_query=as_query) for image in images])
 
 
 def cam_region_descriptors(
@@ -388,6 +438,7 @@ def _rerank(
     features: Callable[[], tuple[LocalFeatures, LocalFeatures]],
     feature_stride: int | None,
     regions: Callable[[], cam_regions.RegionDescriptors] | None = None,
+    num_scales: int | None = None,
 ) -> np.ndarray:
     """One method for one protocol.
 
@@ -430,14 +481,21 @@ def _rerank(
         max_correspondences=settings.dsm_max_correspondences,
         shortlist_size=settings.dsm_shortlist,
         min_inliers=settings.dsm_min_inliers,
+        num_scales=num_scales if settings.dsm_separate_scales else None,
     )
     if method == "dsm":
         return np.asarray(reranking.ranks)
     seeds = dsm_diffusion_seeds(
         reranking,
         num_database=len(database),
-        num_seeds=settings.num_seeds,
+        num_seeds=settings.dsm_num_seeds or settings.num_seeds,
         min_inliers=settings.dsm_min_inliers,
+        num_candidates=settings.dsm_seed_candidates,
+        global_scores=(
+            np.asarray(similarity.cosine_similarities(queries, database))
+            if settings.dsm_seeds_weighted_by_similarity
+            else None
+        ),
     )
     return diffusion_ranks(queries, database, seeds=np.asarray(seeds), **diffusion_kwargs)
 
@@ -470,10 +528,11 @@ def rerank_split(
     )
 
     def features():
-        def extract(paths, boxes=None):
-            return local_features(paths, dsm_extractor, max_side=settings.dsm_max_side, boxes=boxes)
-
-        return extract(query_paths, query_boxes), extract(database_paths)
+        max_side = settings.dsm_max_side
+        queries_features = local_features(
+            query_paths, dsm_extractor, max_side=max_side, boxes=query_boxes, as_query=True
+        )
+        return queries_features, local_features(database_paths, dsm_extractor, max_side=max_side)
 
     return _rerank(
         method,
@@ -484,6 +543,7 @@ def rerank_split(
         features=features,
         feature_stride=getattr(dsm_extractor, "feature_stride", None),
         regions=lambda: cam_region_descriptors(database_paths, cam_extractor, settings),
+        num_scales=len(dsm_extractor.scales) if dsm_extractor is not None else None,
     )
 
 
@@ -525,8 +585,16 @@ def rerank_leave_one_out(
     )
 
     def features():
-        stacked = local_features(paths, dsm_extractor, max_side=settings.dsm_max_side)
-        return stacked, stacked
+        roles = [
+            dsm_extractor.query_and_database_features(
+                dsm_extractor.load(path, max_side=settings.dsm_max_side)
+            )
+            for path in paths
+        ]
+        return (
+            stack_local_features([query for query, _ in roles]),
+            stack_local_features([database for _, database in roles]),
+        )
 
     return _rerank(
         method,
@@ -537,6 +605,7 @@ def rerank_leave_one_out(
         features=features,
         feature_stride=getattr(dsm_extractor, "feature_stride", None),
         regions=lambda: cam_region_descriptors(paths, cam_extractor, settings),
+        num_scales=len(dsm_extractor.scales) if dsm_extractor is not None else None,
     )
 
 

@@ -74,3 +74,19 @@ def test_evaluate_with_any_extraction_function_records_rerank_settings(shared_da
     assert rankings["leave_one_out+alpha-qe"].ranks.shape == (29, 29)
     with pytest.raises(ValueError, match="unknown re-ranking"):
         evaluate_lib.evaluate(dataset, by_scene, reranking=["magic"])
+
+
+def test_delf_reranking_needs_a_delf_model(shared_data):
+    dataset = datasets.load_dataset(shared_data / "landmarks_mini")
+
+    def constant(paths, boxes):
+        return extraction.ExtractionResult(
+            np.ones((len(paths), 2), np.float32) / np.sqrt(2.0),
+            np.ones(len(paths), bool),
+            list(paths),
+            [],
+            [],
+        )
+
+    with pytest.raises(ValueError, match="needs a DELF model"):
+        evaluate_lib.evaluate(dataset, constant, reranking=["delf"])
