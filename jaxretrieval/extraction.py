@@ -345,23 +345,32 @@ class Extractor:
     def _empty_result(self) -> ExtractionResult:
         dims = self._dims()
         return ExtractionResult(
-            descriptors=np.zeros((0, dims[self.model.pooling + "/out"]), np.float32),
+            descriptors=np.zeros(
+                (0, self.model.whitening_dim or dims[self.model.pooling]), np.float32
+            ),
             valid=np.zeros(0, bool),
             paths=[],
             failures=[],
             compiled_shapes=[],
-            by_pooling={n: np.zeros((0, d), np.float32) for n, d in dims.items() if "/" not in n},
+            by_pooling={n: np.zeros((0, d), np.float32) for n, d in dims.items()},
         )
 
+    @functools.cached_property
+    def _pooling_dims(self) -> dict[str, int]:
+        # Traced once, not run: the dimensions of whatever feature map the model pools.
+        size = 2 * self.module.feature_stride
+        shapes = jax.eval_shape(
+            self._kernel,
+            self.variables,
+            jax.ShapeDtypeStruct((1, size, size, 3), np.float32),
+            jax.ShapeDtypeStruct((1, 2), np.int32),
+            np.float32(self.model.gem_p),
+        )
+        return {name: shape.shape[-1] for name, shape in shapes.items()}
+
     def _dims(self) -> dict[str, int]:
-        """Output dimension of each pooling (and of the final descriptor, ``<name>/out``)."""
-        channels = self.spec.feature_channels
-        dims = {
-            name: channels * (2 if name == "ramac" else 1)
-            for name in (self.model.pooling, *self.settings.extra_poolings)
-        }
-        dims[self.model.pooling + "/out"] = self.model.whitening_dim or dims[self.model.pooling]
-        return dims
+        """Output dimension of each pooling (before whitening)."""
+        return self._pooling_dims
 
     def _extract_chunk(self, paths, boxes, strict, decoders) -> ExtractionResult:
         """Decodes, buckets and runs one chunk of images; combines scales per image."""
@@ -385,9 +394,7 @@ class Extractor:
                 buckets.setdefault(key, []).append((index, scale_index, image))
         dims = self._dims()
         per_scale = {
-            name: np.zeros((num_scales, len(paths), dims[name]), np.float32)
-            for name in dims
-            if "/" not in name
+            name: np.zeros((num_scales, len(paths), dim), np.float32) for name, dim in dims.items()
         }
         shapes = set()
         for (height, width), items in buckets.items():

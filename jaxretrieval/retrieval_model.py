@@ -251,7 +251,7 @@ def init_model_variables(config: ModelConfig, *, weights_path: str | None = None
     if config.pooling == "darac":  # equal weights: RAMAC's fixed aggregation
         params["darac"] = {"region_weights": np.ones((pooling.num_darac_regions(), 2), np.float32)}
     if config.whitening_dim is not None:
-        channels = config.spec.feature_channels * (2 if config.pooling == "ramac" else 1)
+        channels = _pooled_dim(config, variables)
         rng = np.random.default_rng(0)
         kernel = rng.normal(size=(channels, config.whitening_dim)) / np.sqrt(channels)
         params["whitening"] = {
@@ -276,6 +276,18 @@ def whitening_params(learned: Whitening, *, dim: int | None = None) -> dict[str,
         "kernel": np.ascontiguousarray(projection[:dim].T),  # (D, dim)
         "bias": -(projection[:dim] @ mean),  # (dim,)
     }
+
+
+def _pooled_dim(config: ModelConfig, variables: dict[str, Any]) -> int:
+    """Dimension of the model's pooled descriptor (traced, not run)."""
+    unwhitened = dataclasses.replace(config, whitening_dim=None)
+    size = 2 * _feature_stride(config)
+    out = jax.eval_shape(
+        lambda v, x: make_model(unwhitened).apply(v, x)["pooled"],
+        {c: dict(t) for c, t in variables.items()},
+        jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32),
+    )
+    return out.shape[-1]
 
 
 def attach_whitening(

@@ -363,3 +363,11 @@ def test_decoding_refuses_images_above_the_pixel_limit(extractor, tmp_path):
     )
     result = limited([str(big)], progress=False)
     assert not result.valid[0] and "400 x 300 pixels" in result.failures[0][1]
+
+
+def test_pooling_another_feature_map(photo_files):
+    """A model pooling stage4 (320 channels), not the default 1280-channel last conv."""
+    extractor = pretrained(feature_name="stage4")
+    result = extractor(photo_files[:2], progress=False)
+    assert result.descriptors.shape == (2, 320) and result.valid.all()
+    assert extractor([], progress=False).descriptors.shape == (0, 320)

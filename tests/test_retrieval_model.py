@@ -121,3 +121,11 @@ def test_init_model_variables_for_darac():
     variables = retrieval_model.init_model_variables(config)
     np.testing.assert_array_equal(variables["params"]["darac"]["region_weights"], np.ones((21, 2)))
     assert variables["params"]["whitening"]["kernel"].shape == (1280, 16)
+
+
+def test_whitening_layer_fits_the_pooled_map():
+    """The fresh whitening layer's input is the pooled map's width, whichever map it is."""
+    for feature_name, channels in (("stage4", 320), (None, 1280)):
+        config = retrieval_model.ModelConfig(feature_name=feature_name, whitening_dim=8)
+        variables = retrieval_model.init_model_variables(config)
+        assert variables["params"]["whitening"]["kernel"].shape == (channels, 8)
