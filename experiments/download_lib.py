@@ -396,12 +396,12 @@ def _content_range_total(header: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
-def _check_free_space(folder: pathlib.Path, needed: int, path: pathlib.Path) -> None:
+def _check_free_space(folder: pathlib.Path, needed: int, part: pathlib.Path) -> None:
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise DownloadError(
-            f"not enough disk space for {path.name}: {needed / 1e9:.2f} GB more needed, "
-            f"{free / 1e9:.2f} GB free in {folder}"
+            f"not enough disk space for {part.name.removesuffix('.part')}: "
+            f"{needed / 1e9:.2f} GB more needed, {free / 1e9:.2f} GB free in {folder}"
         )
 
 
@@ -575,6 +575,8 @@ def extract_archive(archive: pathlib.Path, dest: pathlib.Path, *, flatten: bool 
         downloads it again), or it holds an unsafe member (nothing outside ``dest`` is
         written; the archive is kept for inspection).
     """
+    if not hasattr(tarfile, "data_filter"):  # Python 3.11.0-3.11.3
+        raise DownloadError("safe extraction needs Python 3.11.4 or newer (tarfile filters)")
     dest.mkdir(parents=True, exist_ok=True)
     count = 0
     try:

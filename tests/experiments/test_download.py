@@ -418,7 +418,7 @@ def test_not_enough_disk_space_is_said_before_writing(server, tmp_path, capsys, 
     usage = download_lib.shutil.disk_usage(tmp_path)
     monkeypatch.setattr(download_lib.shutil, "disk_usage", lambda path: usage._replace(free=10))
     err = _fails(server, tmp_path, capsys, "roxford5k")
-    assert "not enough disk space for oxbuild_images-v1.tgz.part" in err
+    assert "not enough disk space for oxbuild_images-v1.tgz: " in err
 
 
 def test_unknown_names_and_the_list(capsys):
