@@ -525,10 +525,12 @@ def fetch(
         except _TransientError as e:
             if attempt == retries:
                 kept = part.stat().st_size if part.exists() else 0
-                raise DownloadError(
-                    f"{url}: {e}; {kept:,} bytes are kept in {part}, run the same command "
-                    "again to resume"
-                ) from e
+                then = (
+                    f"{kept:,} bytes are kept in {part}, run the same command again to resume"
+                    if kept
+                    else "nothing was downloaded; run the same command again"
+                )
+                raise DownloadError(f"{url}: {e}; {then}") from e
             time.sleep(retry_wait * 2**attempt)
     if md5_url is not None:
         expected = _read_small(md5_url, timeout=timeout).split()
