@@ -270,8 +270,14 @@ class RetrievalTask:
         return _validate(self.extractor, variables, self.validation)
 
     def export(self, directory: pathlib.Path, variables, metadata: dict[str, Any]) -> None:
-        """The model directory every CLI reads with ``--checkpoint``."""
-        model_io.save_model(directory, self.model_config, variables, metadata=metadata)
+        """The model directory every CLI reads with ``--checkpoint``.
+
+        Only what training changed is stored; the frozen layers come from the weight
+        package at load time (``base="pretrained"``, checked by the variables' digest).
+        """
+        model_io.save_model(
+            directory, self.model_config, variables, metadata=metadata, base="pretrained"
+        )
 
 
 def check_training_images(images: labelled_lib.LabelledImages) -> None:

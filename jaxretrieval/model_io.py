@@ -11,6 +11,12 @@ A model directory holds
   free-form ``"metadata"`` (what made it: config, step, metrics);
 * ``variables/``: the Flax variables, saved by orbax (``StandardCheckpointer``).
 
+``save_model(..., base="pretrained")`` stores only the variables that differ from the
+backbone's shipped ImageNet weights (a fine-tuned MobileNetV2 whose first blocks were
+frozen keeps about half of its bytes in the weight package): ``model.json`` then says
+``"base": "pretrained"`` and loading fills the rest from the package, checked against the
+digest of the complete variables.
+
 The variables are written first and ``model.json`` last, atomically (temporary file +
 rename), so a directory with a ``model.json`` always has complete variables; an
 interrupted save leaves no ``model.json`` and :func:`load_model` says so.
@@ -24,6 +30,7 @@ refuses the other kind with a message saying which loader to use.
 are keyed by the weights and never serve a fine-tuned model stale descriptors.
 """
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,6 +40,7 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
 from jaxretrieval.retrieval_model import ModelConfig
 
@@ -59,6 +67,7 @@ def save_model(
     variables: dict[str, Any],
     *,
     metadata: dict[str, Any] | None = None,
+    base: str | None = None,
 ) -> pathlib.Path:
     """Writes a model directory (replacing one that is there).
 
@@ -69,6 +78,9 @@ def save_model(
         :class:`~jaxretrieval.local_features.DelfConfig` says ``"delf"``).
       variables: Its Flax variables (NumPy or JAX arrays).
       metadata: JSON-serialisable facts to keep with it (training config, step, mAP).
+      base: ``"pretrained"`` stores only the variables that differ from the model's
+        shipped ImageNet variables (retrieval models only; a backbone without shipped
+        weights stores all); None stores all.
 
     Returns:
       The directory.
@@ -86,8 +98,16 @@ def save_model(
     if target.exists():
         shutil.rmtree(target)
     host_variables = jax.tree.map(np.asarray, variables)
+    stored = host_variables
+    if base is not None:
+        if base != BASE_PRETRAINED or kind != RETRIEVAL_KIND:
+            raise ValueError(f"base must be None or {BASE_PRETRAINED!r} for retrieval models.")
+        try:
+            stored = _changed_variables(host_variables, _pretrained_variables(config))
+        except FileNotFoundError:  # no shipped weights for this backbone: store everything
+            base = None
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(target, host_variables)
+    checkpointer.save(target, stored)
     checkpointer.wait_until_finished()
     document = {
         "format": FORMAT,
@@ -97,6 +117,8 @@ def save_model(
         "variables_digest": variables_digest(host_variables),
         "metadata": metadata or {},
     }
+    if base is not None:
+        document["base"] = base
     temporary = directory / (MODEL_FILE + ".tmp")
     temporary.write_text(json.dumps(document, indent=2, sort_keys=True))
     os.replace(temporary, model_file)
@@ -178,6 +200,19 @@ def _load(path: str | os.PathLike, kind: str, parse) -> tuple[Any, dict[str, Any
             f"cannot read the variables in {directory / VARIABLES_DIR} ({type(e).__name__}: {e})"
         ) from e
     variables = jax.tree.map(np.asarray, variables)
+    if document.get("base") is not None:
+        if document["base"] != BASE_PRETRAINED:
+            raise ModelDirectoryError(
+                f"{directory / MODEL_FILE}: unknown base {document['base']!r}"
+            )
+        try:
+            pretrained = _pretrained_variables(config)
+        except FileNotFoundError as e:
+            raise ModelDirectoryError(
+                f"{directory} stores only its changes to the shipped ImageNet weights, "
+                f"which are missing: {e}"
+            ) from e
+        variables = _overlay(pretrained, variables)
     expected = document.get("variables_digest")
     if expected is not None and variables_digest(variables) != expected:
         raise ModelDirectoryError(
@@ -185,6 +220,34 @@ def _load(path: str | os.PathLike, kind: str, parse) -> tuple[Any, dict[str, Any
             "the variables were changed or partly written"
         )
     return config, variables
+
+
+BASE_PRETRAINED = "pretrained"
+
+
+def _pretrained_variables(config: ModelConfig) -> dict[str, Any]:
+    from jaxretrieval import retrieval_model  # Lazy: model_io is imported by it indirectly.
+
+    return retrieval_model.init_model_variables(dataclasses.replace(config, whitening_dim=None))
+
+
+def _changed_variables(variables: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
+    """The leaves of ``variables`` that ``base`` lacks or holds with other values."""
+    flat_base = traverse_util.flatten_dict(base)
+    changed = {
+        path: leaf
+        for path, leaf in traverse_util.flatten_dict(variables).items()
+        if path not in flat_base
+        or np.shape(flat_base[path]) != np.shape(leaf)
+        or not np.array_equal(flat_base[path], leaf)
+    }
+    return traverse_util.unflatten_dict(changed)
+
+
+def _overlay(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    flat = traverse_util.flatten_dict(base)
+    flat.update(traverse_util.flatten_dict(changes))
+    return traverse_util.unflatten_dict(flat)
 
 
 def load_model(path: str | os.PathLike) -> tuple[ModelConfig, dict[str, Any]]:

@@ -143,3 +143,28 @@ def test_variables_digest_sees_every_value_and_name():
     assert model_io.variables_digest(reshaped) != digest
     as_double = {"params": {"a": {"kernel": tree["params"]["a"]["kernel"].astype(np.float64)}}}
     assert model_io.variables_digest(as_double) != digest
+
+
+def test_saving_only_the_changes_to_the_shipped_weights(tmp_path):
+    """A model fine-tuned from the last blocks keeps only those in its directory."""
+    config = ModelConfig()
+    variables = retrieval_model.init_model_variables(config)
+    tuned = variables["params"]["backbone"]["last_conv"]["conv"]["kernel"] * np.float32(1.01)
+    variables["params"]["backbone"]["last_conv"]["conv"]["kernel"] = tuned
+    variables["params"]["gem"]["p"] = np.array(3.5, np.float32)
+    model_io.save_model(tmp_path / "full", config, variables)
+    model_io.save_model(tmp_path / "delta", config, variables, base="pretrained")
+
+    def size(path):
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    assert size(tmp_path / "delta") < size(tmp_path / "full") / 5
+    assert json.loads((tmp_path / "delta" / "model.json").read_text())["base"] == "pretrained"
+    _, loaded = model_io.load_model(tmp_path / "delta")
+    _assert_same_tree(loaded, variables)
+    # A base that no longer matches (other package weights) is caught by the digest.
+    document = json.loads((tmp_path / "delta" / "model.json").read_text())
+    document["variables_digest"] = "0" * 64
+    (tmp_path / "delta" / "model.json").write_text(json.dumps(document))
+    with pytest.raises(model_io.ModelDirectoryError, match="does not match the digest"):
+        model_io.load_model(tmp_path / "delta")
