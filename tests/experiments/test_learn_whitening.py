@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from experiments import cli, learn_whitening
+from experiments import cli, learn_whitening, whitening_lib
 from jaxretrieval import extraction, model_io, retrieval_model, whitening
 from jaxretrieval.data import labelled
 
@@ -66,6 +66,102 @@ def test_matching_pairs_of_smvs_train(shared_data):
     assert np.all(query_idx != positive_idx)
 
 
+# --------------------------------------------------------------------------- eps "auto"
+
+
+def _synthetic_training_set(num_scenes=30, dim=16, seed=0):
+    """Pairs of images whose right eps is obvious, and the one held-out split (seed 0).
+
+    Every image is its scene's centre (spread 0.3 in every direction) plus a strong shared
+    nuisance along axis 1 (std 1, which Lw must suppress) and weak noise (std 0.05) on
+    axes 1..15. Only the held-out scenes also vary along axis 0 (std 0.3): no training
+    pair does, so C_S's eigenvalue there is exactly 0 and its gain is eps^-1/2. A tiny
+    eps blows that variation up over everything else; eps far above the nuisance
+    variance (ratio 10) no longer whitens the nuisance away; ratios 0.01-1 of the mean
+    eigenvalue (the noise variance 0.005 is about 0.04 of it) rank the held-out scenes
+    perfectly.
+    """
+    rng = np.random.default_rng(seed)
+    scenes = np.repeat(np.arange(num_scenes), 2)
+    train = labelled.LabelledImages(
+        paths=tuple(f"/synthetic/{i:03d}.jpg" for i in range(len(scenes))),
+        scenes=scenes,
+        scene_names=tuple(f"scene{s}" for s in range(num_scenes)),
+    )
+    (split,) = whitening_lib.held_out_splits(train, seeds=(0,))
+    x = rng.normal(size=(num_scenes, dim))[scenes] * 0.3
+    x[:, 1] += rng.normal(size=len(scenes))
+    x[:, 1:] += 0.05 * rng.normal(size=(len(scenes), dim - 1))
+    x[split.held_out_rows, 0] += 0.3 * rng.normal(size=split.held_out_rows.size)
+    return x.astype(np.float32), train, split
+
+
+def test_choose_eps_picks_the_obvious_ratio():
+    x, train, split = _synthetic_training_set()
+    # 30 scenes: 6 held out (12 images), 24 learned from (48 ordered pairs).
+    assert (split.held_out.num_scenes, len(split.held_out), split.training.num_scenes) == (
+        6,
+        12,
+        24,
+    )
+    assert set(split.held_out_rows) | set(split.training_rows) == set(range(60))
+    choice = whitening_lib.choose_eps(x, [split])
+    maps = {e["ratio"]: e["mean_leave_one_out"] for e in choice.record["grid"]}
+    assert list(maps) == list(whitening_lib.EPS_RATIOS)
+    assert maps[1e-5] < 0.5 and maps[10.0] < 0.9  # blown up / not whitened
+    assert maps[0.01] == maps[0.1] == maps[1.0] == 1.0
+    assert choice.ratio == 1.0  # ties go to the larger, more regularised ratio
+    assert choice.record["chosen_ratio"] == 1.0
+    assert choice.record["absolute_reference"]["mean_leave_one_out"] < 0.5  # eps 1e-6
+    assert choice.record["held_out"] == {
+        "seeds": [0], "num_scenes": [6], "num_images": [12], "num_training_pairs": [48]
+    }  # fmt: skip
+    # The grid's absolute eps is the ratio times the training part's mean eigenvalue.
+    query_idx, positive_idx = labelled.matching_pairs(split.training.scenes)
+    scale = whitening_lib.mean_pair_eigenvalue(x[split.training_rows], query_idx, positive_idx)
+    for entry in choice.record["grid"]:
+        np.testing.assert_allclose(entry["eps"], [entry["ratio"] * scale], rtol=1e-12)
+    json.dumps(choice.record)  # JSON-ready
+
+
+def test_mean_pair_eigenvalue_is_the_trace_of_the_pair_covariance():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(9, 5))
+    query_idx, positive_idx = labelled.matching_pairs(np.array([0, 0, 1, 1, 1, 2, 3, 3, 3]))
+    differences = x[query_idx] - x[positive_idx]
+    covariance = differences.T @ differences / len(query_idx)
+    assert whitening_lib.mean_pair_eigenvalue(x, query_idx, positive_idx) == pytest.approx(
+        np.linalg.eigvalsh(covariance).mean(), rel=1e-12
+    )
+
+
+def test_held_out_map_ranks_the_held_out_scenes_with_the_given_descriptors():
+    x, _, split = _synthetic_training_set()
+    held_out = split.held_out
+    # One-hot scene descriptors rank perfectly; the same descriptors shuffled do not.
+    perfect = np.eye(held_out.num_scenes, dtype=np.float32)[held_out.scenes]
+    assert whitening_lib.held_out_map(split, perfect) == {"leave_one_out": 1.0, "split": 1.0}
+    shuffled = perfect[np.roll(np.arange(len(perfect)), 1)]
+    assert whitening_lib.held_out_map(split, shuffled)["leave_one_out"] < 0.7
+
+
+def test_held_out_splits_hold_out_two_scenes_at_least():
+    scenes = np.array([0, 0, 1, 1, 2, 2, 3, 3, 4])
+    train = labelled.LabelledImages(
+        paths=tuple(f"/s/{i}.jpg" for i in range(9)), scenes=scenes, scene_names=tuple("abcde")
+    )
+    splits = whitening_lib.held_out_splits(train, seeds=(0, 1))
+    for split in splits:
+        assert split.held_out.num_scenes == 2 and split.training.num_scenes == 3
+        assert not set(split.held_out.paths) & set(split.training.paths)
+    again = whitening_lib.held_out_splits(train, seeds=(0,))[0]
+    assert again.held_out.paths == splits[0].held_out.paths  # the seed fixes the split
+    too_few = train.subset(np.arange(6))  # three scenes with pairs: 2 held out + 1 learned
+    assert len(whitening_lib.held_out_splits(too_few)) == 3
+    with pytest.raises(whitening_lib.LearnWhiteningError, match="has 2 such scenes"):
+        whitening_lib.held_out_splits(train.subset(np.arange(4)))
+
+
 # --------------------------------------------------------------------------- the CLI
 
 
@@ -76,9 +172,9 @@ def _rows_of(shared_data, scenes):
     return [(str((image_dir / row["image"]).resolve()), row["scene"]) for row in rows]
 
 
-def _tiny_csv(shared_data, tmp_path, scenes=TRAIN_SCENES):
+def _tiny_csv(shared_data, tmp_path, scenes=TRAIN_SCENES, name="labels.csv"):
     """A labels CSV in tmp_path naming a few smvs_train images by absolute path."""
-    path = tmp_path / "labels.csv"
+    path = tmp_path / name
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "scene"])
@@ -103,11 +199,23 @@ def test_learn_whitening_cli_saves_a_model_that_applies_the_learned_whitening(
     out = capsys.readouterr().out
     assert "14 images, 4 scenes, 44 ordered matching pairs" in out
     assert "span at most 10 of 512 dimensions" in out
+    # eps "auto" (the default): 3 splits holding out 2 of the 4 scenes each.
+    assert "eps chosen on held-out training scenes (3 splits of 2/2/2 scenes" in out
+    assert out.count("<- chosen") == 1 and "no whitening" in out
     facts = model_io.read_model_file(first)["metadata"]["whitening"]
     assert facts["training_set"] == str(csv_path.resolve())
     assert facts["num_pairs"] == 2 * 20 + 2 * 2
     assert (facts["centering"], facts["dim"], facts["descriptor_dim"]) == ("queries", 16, 512)
-    assert (facts["max_side"], facts["scales"], facts["eps"]) == (64, [1.0], 1e-6)
+    assert (facts["max_side"], facts["scales"]) == (64, [1.0])
+    selection = facts["eps_selection"]
+    assert selection["rule"] == "auto" and len(selection["held_out"]["seeds"]) == 3
+    assert [e["ratio"] for e in selection["grid"]] == list(whitening_lib.EPS_RATIOS)
+    best = max(e["mean_leave_one_out"] for e in selection["grid"])
+    chosen = next(e for e in selection["grid"] if e["ratio"] == selection["chosen_ratio"])
+    assert chosen["mean_leave_one_out"] == best
+    # The chosen ratio, applied to the pair covariance of all training images.
+    assert facts["eps_ratio"] == pytest.approx(selection["chosen_ratio"], rel=1e-9)
+    assert facts["eps"] == pytest.approx(facts["eps_ratio"] * facts["mean_pair_eigenvalue"])
     assert facts["base_model"] == {"backbone": "vgg16", "weights": "ImageNet"}
 
     # The second run starts from the first model: its whitening is dropped and replaced,
@@ -115,12 +223,15 @@ def test_learn_whitening_cli_saves_a_model_that_applies_the_learned_whitening(
     second = tmp_path / "lw_all"
     learn_whitening.main(
         ["--train-csv", str(csv_path), "--checkpoint", str(first), "--centering", "all"]
-        + ["--quiet", "--cache-dir", str(cache), "--out", str(second)]
+        + ["--eps", "1e-6", "--quiet", "--cache-dir", str(cache), "--out", str(second)]
     )
-    assert "replacing the model's 16-d whitening layer" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "replacing the model's 16-d whitening layer" in out
+    assert "held-out" not in out
     assert len(list(cache.glob("descriptors_*.npz"))) == 1  # one unwhitened model
     facts = model_io.read_model_file(second)["metadata"]["whitening"]
     assert (facts["centering"], facts["dim"], facts["max_side"]) == ("all", 512, 64)
+    assert (facts["eps"], facts["eps_selection"]) == (1e-6, {"rule": "given"})
     assert facts["base_model"] == {"checkpoint": str(first)}
 
     # Descriptors of the saved model, on the training images and on held-out ones, are
@@ -132,7 +243,11 @@ def test_learn_whitening_cli_saves_a_model_that_applies_the_learned_whitening(
     unwhitened = result.by_pooling["gem"]
     query_idx, positive_idx = labelled.matching_pairs(train.scenes)
     x = unwhitened[: len(train)]
-    learned = whitening.learn_supervised_whitening(x, query_idx, positive_idx, dim=16)
+    eps = model_io.read_model_file(first)["metadata"]["whitening"]["eps"]
+    assert whitening_lib.mean_pair_eigenvalue(x, query_idx, positive_idx) == pytest.approx(
+        model_io.read_model_file(first)["metadata"]["whitening"]["mean_pair_eigenvalue"]
+    )
+    learned = whitening.learn_supervised_whitening(x, query_idx, positive_idx, dim=16, eps=eps)
     expected = np.asarray(whitening.apply_whitening(learned, unwhitened))
     np.testing.assert_allclose(result.descriptors, expected, atol=1e-5)
     # The second model's layer is the all-centred Lw of the same descriptors, full size.
@@ -145,7 +260,7 @@ def test_learn_whitening_cli_saves_a_model_that_applies_the_learned_whitening(
         np.testing.assert_allclose(
             variables["params"]["whitening"][name], layer[name], rtol=1e-5, atol=1e-5
         )
-    # The centrings give different models here (unequal scene sizes).
+    # The centrings (and eps) give different models here (unequal scene sizes).
     other = np.asarray(whitening.apply_whitening(everything, unwhitened, dim=16))
     assert np.abs(expected @ expected.T - other @ other.T).max() > 0.05
 
@@ -170,6 +285,14 @@ def test_learn_whitening_users_mistakes_get_one_line(shared_data, tmp_path, caps
     assert "--dim" in message and "must be positive" in message
     message = _user_error(["--train-csv", csv_path, "--out", csv_path], capsys)
     assert "is a file; give a directory" in message
+    message = _user_error(["--train-csv", csv_path, "--out", out, "--eps", "small"], capsys)
+    assert "--eps" in message and "'small' is neither 'auto' nor a number" in message
+    message = _user_error(["--train-csv", csv_path, "--out", out, "--eps", "0"], capsys)
+    assert "must be 'auto' or positive, found 0" in message
+    two_scenes = {"smvs_dvd_001", "smvs_book_001"}
+    two_scenes = str(_tiny_csv(shared_data, tmp_path, scenes=two_scenes, name="two.csv"))
+    message = _user_error(["--train-csv", two_scenes, "--out", out], capsys)
+    assert "eps 'auto' holds out 2 scenes" in message and "has 2 such scenes" in message
     singletons = tmp_path / "singletons.csv"
     rows = _rows_of(shared_data, {"smvs_book_001", "smvs_book_002"})
     singletons.write_text("image,scene\n" + "".join(f"{p},s{i}\n" for i, (p, _) in enumerate(rows)))
