@@ -9,6 +9,13 @@ bounded batches, refuses NaN/inf rows, and saves in faiss's own format (never pi
 used for diffusion's kNN graph and diffusion seeds, and for mining. :func:`rank_database`
 is the exact full ranking used by evaluation on small and medium sets.
 
+Beyond one machine's memory: :func:`build_sharded_index` streams descriptor files
+(:class:`DescriptorFiles`: ``.npy`` arrays or extraction's ``.npz`` files) into one or
+more IVF-PQ parts trained once on a seeded sample, without ever holding all descriptors;
+a :class:`ShardedSearchIndex` searches every part and merges the top-k
+(:func:`merge_top_k`, which also merges results that other machines computed on their
+own parts). Measured at 1M synthetic descriptors in ``benchmarks/search_scale.py``.
+
 Everything here runs on the host and returns NumPy arrays: float32 similarities and int64
 database ids, best first. For shortlists computed on the device, see
 :func:`jaxretrieval.similarity.chunked_top_k`.
@@ -22,8 +29,13 @@ Measured on this project's 2-core machine (DESIGN.md):
   and about 1 minute with ``"ivf"``, at the cost of missing some neighbours.
 """
 
+import itertools
+import json
 import math
 import os
+import pathlib
+import zipfile
+from collections.abc import Iterator, Sequence
 
 import faiss
 import numpy as np
@@ -257,6 +269,41 @@ class SearchIndex:
             ids[start:stop] = np.where(kept, np.take_along_axis(found_ids, order, axis=1), -1)
         return similarities, ids
 
+    def set_num_probes(self, num_probes: int) -> None:
+        """Changes the lists scanned per query (IVF types) without rebuilding.
+
+        Capped at the number of lists; ignored by a flat index.
+
+        Raises:
+          ValueError: ``num_probes < 1``.
+        """
+        if num_probes < 1:
+            raise ValueError(f"num_probes must be >= 1, found {num_probes}.")
+        self.num_probes = num_probes
+        if self.index_type == "flat" or self._index is None:
+            return
+        space = faiss.GpuParameterSpace() if self.on_gpu else faiss.ParameterSpace()
+        space.set_index_parameter(self._index, "nprobe", min(num_probes, self.num_lists))
+
+    def empty_copy(self) -> "SearchIndex":
+        """A new, empty index with this one's training (inverted lists, PQ codebooks).
+
+        How the parts of a :class:`ShardedSearchIndex` share one training: vectors added
+        to any copy are quantised the same way, so their scores compare across parts.
+
+        Raises:
+          RuntimeError: If an IVF index has not been trained.
+        """
+        if not self.is_trained:
+            raise RuntimeError(f"cannot copy an untrained {self.index_type} index.")
+        copy = object.__new__(SearchIndex)
+        copy.__dict__.update(self.__dict__)  # GPU resources shared: one scratch space per GPU
+        index = faiss.index_gpu_to_cpu(self._index) if self.on_gpu else self._index
+        index = faiss.clone_index(index)
+        index.reset()
+        copy._index = copy._to_device(index)
+        return copy
+
     def save(self, path: str | os.PathLike) -> None:
         """Writes the index (copied to the CPU) in faiss's own format, no pickle.
 
@@ -421,6 +468,466 @@ def rank_database(
     return np.argsort(-scores, axis=1, kind="stable")
 
 
+# --- descriptors sharded across files -------------------------------------------------
+
+DESCRIPTOR_FILE_SUFFIXES = (".npy", ".npz")
+"""File types :class:`DescriptorFiles` reads."""
+
+MANIFEST_NAME = "index.json"
+"""The file in a :class:`ShardedSearchIndex` directory that lists its parts."""
+
+_MANIFEST_FORMAT = 1
+
+
+class DescriptorFiles:
+    """Descriptor rows stored in several files, read one file (or one block) at a time.
+
+    A file is either an ``.npy`` array ``(n, D)``, read through a memory map so that a
+    block costs only its own rows, or an ``.npz`` written by
+    :func:`jaxretrieval.extraction.save_descriptors` (``descriptors`` and its ``valid``
+    mask), whose arrays are read whole, one file at a time. Rows are numbered
+    consecutively across the files in the given order (row ``i`` of the second file has
+    the global id ``rows_of_the_first + i``), so a global id is an image's position in
+    the concatenated image lists. Rows of unreadable images (``valid`` False, zero rows)
+    keep their id but are never returned.
+
+    Construction reads only the array headers. Nothing is pickled or unpickled.
+
+    Args:
+      paths: The files, in id order.
+
+    Raises:
+      FileNotFoundError: A file does not exist.
+      ValueError: No files, an unknown suffix, a file whose descriptors are not a 2-D
+        floating array, or files of different dimensions (the message names the file).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike]):
+        self.paths = [pathlib.Path(p) for p in paths]
+        if not self.paths:
+            raise ValueError("DescriptorFiles needs at least one file.")
+        self.rows: list[int] = []
+        self.dim: int | None = None
+        for path in self.paths:
+            if path.suffix not in DESCRIPTOR_FILE_SUFFIXES:
+                raise ValueError(f"{path}: descriptor files are .npy or .npz, not {path.suffix!r}.")
+            if not path.is_file():
+                raise FileNotFoundError(f"no descriptor file at {path}")
+            shape, dtype = _descriptor_header(path)
+            if len(shape) != 2 or not np.issubdtype(dtype, np.floating):
+                raise ValueError(
+                    f"{path}: descriptors must be a 2-D floating array (N, D), found shape "
+                    f"{shape} and dtype {dtype}."
+                )
+            if self.dim is None:
+                self.dim = int(shape[1])
+            elif shape[1] != self.dim:
+                raise ValueError(
+                    f"{path}: descriptors have dimension {shape[1]}, but {self.paths[0]} has "
+                    f"{self.dim}; every file must have the same D."
+                )
+            self.rows.append(int(shape[0]))
+        self.offsets = np.concatenate([[0], np.cumsum(self.rows)]).astype(np.int64)
+
+    @property
+    def total_rows(self) -> int:
+        """Rows in all files, unreadable images included (the id range)."""
+        return int(self.offsets[-1])
+
+    def _open(self, file_index: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """``(descriptors, valid or None)``: a memory map for .npy, arrays for .npz."""
+        path = self.paths[file_index]
+        if path.suffix == ".npy":
+            return np.load(path, mmap_mode="r", allow_pickle=False), None
+        with np.load(path, allow_pickle=False) as data:
+            valid = data["valid"] if "valid" in data.files else None
+            return data["descriptors"], valid
+
+    def blocks(
+        self, block_rows: int = 65536
+    ) -> Iterator[tuple[Int[np.ndarray, " B"], Float[np.ndarray, "B D"]]]:
+        """``(global ids, float32 rows)`` of every valid row, at most ``block_rows`` at a time.
+
+        Raises:
+          ValueError: ``block_rows < 1``.
+        """
+        if block_rows < 1:
+            raise ValueError(f"block_rows must be >= 1, found {block_rows}.")
+        for file_index, offset in enumerate(self.offsets[:-1]):
+            descriptors, valid = self._open(file_index)
+            for start in range(0, self.rows[file_index], block_rows):
+                stop = min(start + block_rows, self.rows[file_index])
+                rows = np.arange(start, stop)
+                if valid is not None:
+                    rows = rows[valid[start:stop]]
+                if rows.size:
+                    block = np.ascontiguousarray(descriptors[rows], dtype=np.float32)
+                    yield offset + rows, block
+            del descriptors
+
+    def gather(self, ids: Sequence[int] | Int[AnyArray, " S"]) -> Float[np.ndarray, "V D"]:
+        """The valid rows among the sorted global ``ids`` (one file open at a time).
+
+        Used to draw a training sample without reading the files whole (``.npy``).
+        """
+        ids = np.asarray(ids, np.int64)
+        parts = []
+        for file_index, (start, stop) in enumerate(itertools.pairwise(self.offsets)):
+            local = ids[(ids >= start) & (ids < stop)] - start
+            if local.size == 0:
+                continue
+            descriptors, valid = self._open(file_index)
+            if valid is not None:
+                local = local[valid[local]]
+            parts.append(np.asarray(descriptors[local], dtype=np.float32))
+            del descriptors
+        if not parts:
+            return np.zeros((0, self.dim), np.float32)
+        return np.concatenate(parts)
+
+
+def _descriptor_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype of a .npy file, or of the ``descriptors`` array of an .npz."""
+    if path.suffix == ".npy":
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+        return array.shape, array.dtype
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("descriptors.npy") as handle:
+            version = np.lib.format.read_magic(handle)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(handle)
+            elif version == (2, 0):
+                shape, _, dtype = np.lib.format.read_array_header_2_0(handle)
+            else:  # never written for float arrays; read the member to learn its shape
+                with np.load(path, allow_pickle=False) as data:
+                    array = data["descriptors"]
+                    return array.shape, array.dtype
+    except KeyError:
+        raise ValueError(f"{path} holds no 'descriptors' array.") from None
+    except zipfile.BadZipFile as e:
+        raise ValueError(f"{path} is not a readable .npz file ({e}).") from None
+    return shape, dtype
+
+
+class ShardedSearchIndex:
+    """Several :class:`SearchIndex` parts searched as one; results merged by score.
+
+    Each part indexes a subset of the database under global ids: a contiguous range
+    starting at an offset, or an explicit id array where unreadable images were skipped.
+    All parts share one training (:meth:`SearchIndex.empty_copy`), so their scores
+    compare and the merged top-k equals what one index over all vectors would return.
+    A part can live in another process or machine: load only some parts
+    (``ShardedSearchIndex.load(directory, parts=[...])``), search them there, and merge
+    the per-machine results with :func:`merge_top_k`. faiss's own ``IndexShards`` does
+    the same merge in one process; this class keeps the parts as separate files so that
+    each can be loaded, moved to a GPU or served on its own.
+
+    Args:
+      parts: The part indexes (same dimension; empty parts are allowed and skipped).
+      ids: For each part, the global id of its first vector (an int: ids continue
+        consecutively) or an int64 array of one global id per vector.
+
+    Raises:
+      ValueError: No parts, a different number of id entries, an id array whose length
+        is not the part's size, or parts of different dimensions.
+    """
+
+    def __init__(self, parts: Sequence[SearchIndex], ids: Sequence[int | np.ndarray]):
+        if not parts:
+            raise ValueError("a ShardedSearchIndex needs at least one part.")
+        if len(ids) != len(parts):
+            raise ValueError(f"got {len(ids)} id entries for {len(parts)} parts.")
+        dims = {part.dim for part in parts}
+        if len(dims) != 1:
+            raise ValueError(f"every part must have the same dimension, found {sorted(dims)}.")
+        for number, (part, part_ids) in enumerate(zip(parts, ids, strict=True)):
+            if not isinstance(part_ids, int | np.integer) and len(part_ids) != part.size:
+                raise ValueError(
+                    f"part {number} holds {part.size} vectors but {len(part_ids)} ids."
+                )
+        self.parts = list(parts)
+        self.ids = [i if isinstance(i, int | np.integer) else np.asarray(i, np.int64) for i in ids]
+        self.dim = parts[0].dim
+
+    @property
+    def size(self) -> int:
+        """Vectors in all parts."""
+        return sum(part.size for part in self.parts)
+
+    def set_num_probes(self, num_probes: int) -> None:
+        """:meth:`SearchIndex.set_num_probes` on every part."""
+        for part in self.parts:
+            part.set_num_probes(num_probes)
+
+    def search(
+        self, queries: Float[AnyArray, "Q D"], *, k: int, batch_size: int = 65536
+    ) -> tuple[Float[np.ndarray, "Q K"], Int[np.ndarray, "Q K"]]:
+        """Top-k over every part, best first, as :meth:`SearchIndex.search` (global ids).
+
+        Each part returns its own top-k, then :func:`merge_top_k` keeps the best k of
+        them; ``k`` is clipped to :attr:`size`, and slots an approximate part leaves
+        empty hold ``-inf`` and ``-1``.
+
+        Raises:
+          ValueError: If every part is empty, ``k < 1``, or the queries have the wrong
+            shape or NaN/inf rows.
+          TypeError: If the queries are not floating.
+        """
+        x = _host_matrix("queries", queries, dim=self.dim)
+        if self.size == 0:
+            raise ValueError("cannot search an empty index; add descriptors first.")
+        if k < 1:
+            raise ValueError(f"k must be positive, found {k}.")
+        k = min(k, self.size)
+        found_similarities, found_ids = [], []
+        for part, part_ids in zip(self.parts, self.ids, strict=True):
+            if part.size == 0:
+                continue
+            similarities, local = part.search(x, k=k, batch_size=batch_size)
+            found = local >= 0
+            safe = np.where(found, local, 0)
+            if isinstance(part_ids, np.ndarray):
+                global_ids = part_ids[safe]
+            else:
+                global_ids = int(part_ids) + safe
+            found_similarities.append(similarities)
+            found_ids.append(np.where(found, global_ids, -1))
+        return merge_top_k(found_similarities, found_ids, k=k)
+
+    def save(self, directory: str | os.PathLike) -> pathlib.Path:
+        """Writes each part (faiss format), its id array if any, then ``index.json``.
+
+        The manifest is written last and atomically, so a directory with a manifest
+        is complete. Nothing is pickled.
+
+        Returns:
+          The manifest's path.
+
+        Raises:
+          RuntimeError: If a part is an untrained IVF index.
+        """
+        directory = pathlib.Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        entries = []
+        for number, (part, part_ids) in enumerate(zip(self.parts, self.ids, strict=True)):
+            name = f"part_{number:05d}"
+            part.save(directory / f"{name}.faiss")
+            entry = {"index": f"{name}.faiss", "size": part.size}
+            if isinstance(part_ids, np.ndarray):
+                np.save(directory / f"{name}.ids.npy", part_ids)
+                entry["ids"] = f"{name}.ids.npy"
+            else:
+                entry["offset"] = int(part_ids)
+            entries.append(entry)
+        manifest = {
+            "format": _MANIFEST_FORMAT,
+            "dim": self.dim,
+            "index_type": self.parts[0].index_type,
+            "parts": entries,
+        }
+        path = directory / MANIFEST_NAME
+        temporary = path.with_name(path.name + ".tmp")
+        temporary.write_text(json.dumps(manifest, indent=2))
+        os.replace(temporary, path)
+        return path
+
+    @classmethod
+    def load(
+        cls,
+        directory: str | os.PathLike,
+        *,
+        parts: Sequence[int] | None = None,
+        use_gpu: bool | None = None,
+    ) -> "ShardedSearchIndex":
+        """Reads an index written by :meth:`save`, all parts or only ``parts``.
+
+        Args:
+          directory: The folder holding ``index.json``.
+          parts: Part numbers to load (e.g. this machine's); None loads every part.
+          use_gpu: As for :class:`SearchIndex`.
+
+        Raises:
+          FileNotFoundError: No ``index.json`` (or a part file) in ``directory``.
+          ValueError: An unknown manifest format or a part number out of range.
+        """
+        directory = pathlib.Path(directory)
+        path = directory / MANIFEST_NAME
+        if not path.is_file():
+            raise FileNotFoundError(f"no sharded index at {directory} (missing {MANIFEST_NAME})")
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != _MANIFEST_FORMAT:
+            raise ValueError(f"{path}: unknown manifest format {manifest.get('format')!r}.")
+        entries = manifest["parts"]
+        numbers = range(len(entries)) if parts is None else parts
+        loaded, ids = [], []
+        for number in numbers:
+            if not 0 <= number < len(entries):
+                raise ValueError(f"{path} has parts 0..{len(entries) - 1}, found {number}.")
+            entry = entries[number]
+            loaded.append(SearchIndex.load(directory / entry["index"], use_gpu=use_gpu))
+            if "ids" in entry:
+                ids.append(np.load(directory / entry["ids"], allow_pickle=False))
+            else:
+                ids.append(int(entry["offset"]))
+        return cls(loaded, ids)
+
+
+def merge_top_k(
+    similarities: Sequence[Float[AnyArray, "Q _"]],
+    indices: Sequence[Int[AnyArray, "Q _"]],
+    *,
+    k: int,
+) -> tuple[Float[np.ndarray, "Q K"], Int[np.ndarray, "Q K"]]:
+    """The best k of several top-k results for the same queries (e.g. one per part).
+
+    Args:
+      similarities: Per source, ``(Q, K_i)`` scores; empty slots ``-inf``.
+      indices: Per source, ``(Q, K_i)`` global ids; empty slots ``-1``.
+      k: Results kept (at most the total number of columns).
+
+    Returns:
+      ``(similarities, indices)``, float32 and int64, ``(Q, min(k, sum K_i))``, best
+      first; ties keep the order of the sources.
+
+    Raises:
+      ValueError: No sources, ``k < 1``, or sources whose shapes disagree.
+
+    Examples:
+      >>> import numpy as np
+      >>> scores, ids = merge_top_k(
+      ...     [np.array([[0.9, 0.2]]), np.array([[0.5, -np.inf]])],
+      ...     [np.array([[3, 1]]), np.array([[7, -1]])],
+      ...     k=3,
+      ... )
+      >>> ids.tolist(), scores.dtype.name
+      ([[3, 7, 1]], 'float32')
+    """
+    if not similarities or len(similarities) != len(indices):
+        raise ValueError(
+            f"merge_top_k needs as many id arrays as score arrays (at least one), found "
+            f"{len(similarities)} and {len(indices)}."
+        )
+    if k < 1:
+        raise ValueError(f"k must be positive, found {k}.")
+    for s, i in zip(similarities, indices, strict=True):
+        if np.shape(s) != np.shape(i) or np.ndim(s) != 2 or len(s) != len(similarities[0]):
+            raise ValueError(
+                "merge_top_k: every source needs (Q, K_i) scores and ids of one shape, found "
+                f"{[np.shape(x) for x in similarities]} and {[np.shape(x) for x in indices]}."
+            )
+    scores = np.concatenate([np.asarray(s, np.float32) for s in similarities], axis=1)
+    ids = np.concatenate([np.asarray(i, np.int64) for i in indices], axis=1)
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (Q, K)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(ids, order, axis=1)
+
+
+def build_sharded_index(
+    files: DescriptorFiles | Sequence[str | os.PathLike],
+    *,
+    index_type: str = "ivfpq",
+    num_lists: int | None = None,
+    num_probes: int = 16,
+    num_subquantizers: int = 16,
+    bits_per_code: int = 8,
+    rows_per_part: int | None = None,
+    block_rows: int = 65536,
+    seed: int = 0,
+    use_gpu: bool | None = None,
+    num_threads: int | None = None,
+) -> ShardedSearchIndex:
+    """Streams descriptor files into an index, never holding more than one file.
+
+    1. Training: a seeded sample of ``64 * num_lists`` rows (at least ``64 * 2 **
+       bits_per_code`` for IVF-PQ, as :meth:`SearchIndex.train` uses) is gathered from
+       the files and trains the inverted lists and PQ codebooks once.
+    2. Adding: the valid rows are read ``block_rows`` at a time and added under their
+       global ids (:class:`DescriptorFiles`); a new part starts every
+       ``rows_per_part`` vectors (None: one part).
+
+    Memory: one block of raw descriptors, one file for ``.npz`` files, the training
+    sample, and the index itself. An IVF-PQ index costs ``num_subquantizers *
+    bits_per_code / 8`` bytes of code plus 8 bytes of id per vector (24 bytes with the
+    defaults, instead of 4 * D raw), plus ``num_lists * D * 4`` bytes of centroids.
+
+    Args:
+      files: Descriptor files (paths or a :class:`DescriptorFiles`).
+      index_type: ``"ivfpq"`` (default), ``"ivf"`` or ``"flat"``.
+      num_lists: Inverted lists; None chooses ``round(4 * sqrt(N))`` for the N rows.
+      num_probes: Lists scanned per query (change later with ``set_num_probes``).
+      num_subquantizers: PQ sub-vectors (bytes per vector at 8 bits); must divide D.
+      bits_per_code: Bits per PQ sub-vector code.
+      rows_per_part: Vectors per part (e.g. what one machine or GPU holds); None: one.
+      block_rows: Rows read and added at a time.
+      seed: Seed of the training sample and faiss's k-means.
+      use_gpu: As for :class:`SearchIndex` (training runs on the CPU either way).
+      num_threads: faiss's OpenMP threads (process-wide); None leaves it alone.
+
+    Returns:
+      The :class:`ShardedSearchIndex`; ``save`` it to a directory.
+
+    Raises:
+      ValueError: On bad files (see :class:`DescriptorFiles`), no valid rows,
+        ``rows_per_part < 1`` or bad index parameters (see :class:`SearchIndex`).
+    """
+    if not isinstance(files, DescriptorFiles):
+        files = DescriptorFiles(files)
+    if rows_per_part is not None and rows_per_part < 1:
+        raise ValueError(f"rows_per_part must be >= 1 or None, found {rows_per_part}.")
+    total = files.total_rows
+    template = SearchIndex(
+        files.dim,
+        index_type=index_type,
+        num_lists=num_lists,
+        num_probes=num_probes,
+        num_subquantizers=num_subquantizers,
+        bits_per_code=bits_per_code,
+        seed=seed,
+        use_gpu=use_gpu,
+        num_threads=num_threads,
+    )
+    if index_type != "flat":
+        if num_lists is None:
+            num_lists = int(round(4 * math.sqrt(max(total, 1))))
+        num_lists = max(1, min(num_lists, total))
+        num_train = _POINTS_PER_CENTROID * num_lists
+        if index_type == "ivfpq":
+            num_train = max(num_train, _POINTS_PER_CENTROID * 2**bits_per_code)
+        rng = np.random.default_rng(seed)
+        sample_ids = np.arange(total)
+        if num_train < total:
+            sample_ids = np.sort(rng.choice(total, size=num_train, replace=False))
+        template.num_lists = num_lists
+        sample = files.gather(sample_ids)
+        if sample.shape[0] < num_lists:
+            raise ValueError(
+                f"{sample.shape[0]} valid training rows for {num_lists} inverted lists; "
+                "pass fewer num_lists."
+            )
+        template.train(sample)
+        del sample
+    parts: list[SearchIndex] = []
+    part_ids: list[list[np.ndarray]] = []
+    for ids, block in files.blocks(block_rows):
+        while block.shape[0]:
+            if not parts or (rows_per_part is not None and parts[-1].size >= rows_per_part):
+                parts.append(template.empty_copy())
+                part_ids.append([])
+            room = block.shape[0] if rows_per_part is None else rows_per_part - parts[-1].size
+            parts[-1].add(block[:room])
+            part_ids[-1].append(ids[:room])
+            ids, block = ids[room:], block[room:]
+    if not parts:
+        raise ValueError(f"no valid descriptors in {len(files.paths)} files.")
+    ids = []
+    for chunks in part_ids:
+        concatenated = np.concatenate(chunks)
+        consecutive = np.array_equal(
+            concatenated, np.arange(concatenated[0], concatenated[0] + concatenated.size)
+        )
+        ids.append(int(concatenated[0]) if consecutive else concatenated)
+    return ShardedSearchIndex(parts, ids)
+
+
 def _is_listed(ids: np.ndarray, listed: np.ndarray, num_items: int) -> np.ndarray:
     """``ids[q, j] in listed[q]`` for every entry, by sorted keys ``q * num_items + id``.
 
@@ -442,4 +949,13 @@ def _host_matrix(name: str, x: AnyArray, *, dim: int | None = None) -> np.ndarra
     return x
 
 
-__all__ = ["INDEX_TYPES", "SearchIndex", "knn_search", "rank_database"]
+__all__ = [
+    "INDEX_TYPES",
+    "DescriptorFiles",
+    "SearchIndex",
+    "ShardedSearchIndex",
+    "build_sharded_index",
+    "knn_search",
+    "merge_top_k",
+    "rank_database",
+]
