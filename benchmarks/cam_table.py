@@ -30,7 +30,6 @@ experiments' ``--rerank cam-regions`` runs the same functions.
 2 timing images: checks that everything runs, the numbers mean nothing.
 """
 
-import json
 import pathlib
 
 import jax
@@ -71,19 +70,18 @@ class Model:
         )
         self._vector_fns = {}
 
+    def class_vectors(self, features, valid, num_classes: int):
+        """``(B, N_c, C)`` CAM-weighted vectors of each image's top N_c classes."""
+        return pooling.cam_weighted(
+            features, self.kernel, num_classes=num_classes, classifier_bias=self.bias, valid=valid
+        )
+
     def class_vectors_fn(self, num_classes: int):
         """``(features, valid) -> (B, N_c, C)`` L2-normalised class vectors (cached)."""
         if num_classes not in self._vector_fns:
 
             def fn(features, valid):
-                vectors = pooling.cam_weighted(
-                    features,
-                    self.kernel,
-                    num_classes=num_classes,
-                    classifier_bias=self.bias,
-                    valid=valid,
-                )
-                return l2_normalize(vectors)
+                return l2_normalize(self.class_vectors(features, valid, num_classes))
 
             self._vector_fns[num_classes] = fn
         return self._vector_fns[num_classes]
@@ -92,10 +90,7 @@ class Model:
         """``(features, valid) -> (B, D)``: the paper's descriptor of N_c classes."""
 
         def fn(features, valid):
-            vectors = pooling.cam_weighted(
-                features, self.kernel, num_classes=num_classes, classifier_bias=self.bias,
-                valid=valid,
-            )  # fmt: skip
+            vectors = self.class_vectors(features, valid, num_classes)
             return pooling.cam_aggregate(vectors, whitening=pca, dim=dim)
 
         return fn
@@ -235,9 +230,7 @@ def main(argv=None):
     )
     print(common.markdown_table(header, [[label, *cells] for label, cells in table2.items()]))
     results.update({"sets": list(sets), "table1": table1, "table2": table2, "ms_per_image": timing})
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.json}")
+    common.write_json(args.json, results)
     return results
 
 

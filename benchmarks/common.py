@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import functools
 import hashlib
+import json
 import os
 import pathlib
 import time
@@ -128,6 +129,13 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def write_json(path: str | None, results: dict[str, Any]) -> None:
+    """``results`` as JSON at ``path`` (a table's ``--json``), and a line saying so."""
+    if path:
+        pathlib.Path(path).write_text(json.dumps(results, indent=2, default=str))
+        print(f"wrote {path}")
 
 
 # ------------------------------------------------------------------- shared computation

@@ -31,7 +31,6 @@ what ``python -m experiments.evaluate --checkpoint`` computes.
 untrained heads unless --nra / --triplet are given: checks that everything runs.
 """
 
-import json
 import pathlib
 
 import jax
@@ -235,9 +234,7 @@ def main(argv=None):
         "extractor_check_max_abs": checks,
         "weights": {k: None if v is None else v.tolist() for k, v in weights.items()},
     }
-    if args.json:
-        pathlib.Path(args.json).write_text(json.dumps(results, indent=2, default=str))
-        print(f"wrote {args.json}")
+    common.write_json(args.json, results)
     return results
 
 

@@ -208,35 +208,16 @@ def evaluate(
     rankings = dict(rank_protocols(dataset, extract, protocols))
     for method in methods:
         if method in rerank_lib.DELF_METHODS:
-            rankings.update(
-                _delf_rankings(method, rankings, dataset, delf_extractor, delf_settings)
+            if delf_extractor is None:
+                raise ValueError(f"re-ranking {method!r} needs a DELF model (delf_extractor).")
+            rerankers = (rerank_lib.delf_rerank_split, rerank_lib.delf_rerank_leave_one_out)
+            kwargs = dict(settings=delf_settings, delf_extractor=delf_extractor)
+        else:
+            rerankers = (rerank_lib.rerank_split, rerank_lib.rerank_leave_one_out)
+            kwargs = dict(
+                settings=rerank_settings, dsm_extractor=dsm_extractor, cam_extractor=cam_extractor
             )
-            continue
-        if "split" in rankings:
-            split = rankings["split"]
-            ranks = rerank_lib.rerank_split(
-                method,
-                split.query_descriptors,
-                split.database_descriptors,
-                settings=rerank_settings,
-                query_paths=split.query_paths,
-                database_paths=split.database_paths,
-                query_boxes=dataset.query_boxes,
-                dsm_extractor=dsm_extractor,
-                cam_extractor=cam_extractor,
-            )
-            rankings[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
-        if "leave_one_out" in rankings:
-            loo = rankings["leave_one_out"]
-            ranks = rerank_lib.rerank_leave_one_out(
-                method,
-                loo.query_descriptors,
-                settings=rerank_settings,
-                paths=loo.query_paths,
-                dsm_extractor=dsm_extractor,
-                cam_extractor=cam_extractor,
-            )
-            rankings[f"leave_one_out+{method}"] = dataclasses.replace(loo, ranks=ranks)
+        rankings.update(_reranked_protocols(method, rankings, dataset, *rerankers, **kwargs))
     results: dict[str, Any] = {"dataset": dataset.name}
     if set(methods) - set(rerank_lib.DELF_METHODS):
         results["rerank_settings"] = dataclasses.asdict(rerank_settings)
@@ -247,33 +228,28 @@ def evaluate(
     return results, rankings
 
 
-def _delf_rankings(method, rankings, dataset, delf_extractor, settings):
-    """``<protocol>+delf`` rankings: the global shortlists re-ranked by DELF inliers."""
-    if delf_extractor is None:
-        raise ValueError(f"re-ranking {method!r} needs a DELF model (delf_extractor).")
+def _reranked_protocols(method, rankings, dataset, rerank_split, rerank_leave_one_out, **kwargs):
+    """``<protocol>+<method>`` rankings: each protocol's ranking re-ranked by ``method``.
+
+    ``rerank_split`` / ``rerank_leave_one_out`` are the global or the DELF pair of
+    :mod:`experiments.rerank_lib`; ``kwargs`` (settings, extractors) go to both.
+    """
     out = {}
     if "split" in rankings:
         split = rankings["split"]
-        ranks = rerank_lib.delf_rerank_split(
+        ranks = rerank_split(
             method,
             split.query_descriptors,
             split.database_descriptors,
-            delf_extractor=delf_extractor,
             query_paths=split.query_paths,
             database_paths=split.database_paths,
             query_boxes=dataset.query_boxes,
-            settings=settings,
+            **kwargs,
         )
         out[f"split+{method}"] = dataclasses.replace(split, ranks=ranks)
     if "leave_one_out" in rankings:
         loo = rankings["leave_one_out"]
-        ranks = rerank_lib.delf_rerank_leave_one_out(
-            method,
-            loo.query_descriptors,
-            delf_extractor=delf_extractor,
-            paths=loo.query_paths,
-            settings=settings,
-        )
+        ranks = rerank_leave_one_out(method, loo.query_descriptors, paths=loo.query_paths, **kwargs)
         out[f"leave_one_out+{method}"] = dataclasses.replace(loo, ranks=ranks)
     return out
 
