@@ -257,21 +257,6 @@ def _check_gldv2(folder: pathlib.Path, split: str) -> int:
     return len(ids)
 
 
-def _finish_gldv2_index(folder: pathlib.Path) -> str:
-    count = _check_gldv2(folder, "index")
-    return (
-        f"gldv2-index: {count} images in {folder}/images; labels: "
-        "index_image_to_landmark.csv (id, landmark_id)"
-    )
-
-
-def _finish_gldv2_test(folder: pathlib.Path) -> str:
-    count = _check_gldv2(folder, "test")
-    return (
-        f"gldv2-test: {count} images in {folder}/images; ground truth: retrieval_solution_v2.1.csv"
-    )
-
-
 # --- the registry ----------------------------------------------------------------
 
 _OXFORD = "https://www.robots.ox.ac.uk/~vgg/data"
@@ -282,46 +267,66 @@ _GLDV2 = "https://s3.amazonaws.com/google-landmark"
 _REVISITOP_SCRIPT = "filipradenovic/revisitop python/download.py"
 
 
-def _gldv2_parts(split: str, count: int) -> tuple[RemoteFile, ...]:
-    return tuple(
+def _revisitop(name: str, description: str, *, archives: Sequence[str]) -> DatasetSpec:
+    """Revisited Oxford or Paris: the Oxford VGG image archives and revisitop's ground truth."""
+    return DatasetSpec(
+        name=name,
+        description=description,
+        files=(
+            *(RemoteFile(f"{_OXFORD}/{a}", extract_to="jpg", flatten=True) for a in archives),
+            RemoteFile(f"{_REVISITOP}/{name}/gnd_{name}.pkl"),
+        ),
+        finish=_finish_revisitop(name),
+        source=_REVISITOP_SCRIPT,
+    )
+
+
+def _gldv2(
+    split: str, num_parts: int, *, description: str, answers: str, answers_note: str
+) -> DatasetSpec:
+    """A Google Landmarks v2 split: md5-checked image tars, ``<split>.csv`` and ``answers``.
+
+    ``answers`` (labels or ground truth) is a path under the bucket; ``answers_note`` ends
+    the message of a finished download.
+    """
+
+    def finish(folder: pathlib.Path) -> str:
+        count = _check_gldv2(folder, split)
+        return f"gldv2-{split}: {count} images in {folder}/images; {answers_note}"
+
+    parts = (
         RemoteFile(
             f"{_GLDV2}/{split}/images_{i:03d}.tar",
             extract_to="images",
             md5_url=f"{_GLDV2}/md5sum/{split}/md5.images_{i:03d}.txt",
         )
-        for i in range(count)
+        for i in range(num_parts)
+    )
+    return DatasetSpec(
+        name=f"gldv2-{split}",
+        description=description,
+        files=(
+            *parts,
+            RemoteFile(f"{_GLDV2}/metadata/{split}.csv"),
+            RemoteFile(f"{_GLDV2}/{answers}"),
+        ),
+        finish=finish,
+        source="cvdfoundation/google-landmark README.md, download-dataset.sh",
     )
 
 
 DATASETS: dict[str, DatasetSpec] = {
     spec.name: spec
     for spec in (
-        DatasetSpec(
-            name="roxford5k",
-            description="Revisited Oxford: 70 queries, 4,993 images (face-blurred v1 images)",
-            files=(
-                RemoteFile(
-                    f"{_OXFORD}/oxbuildings/oxbuild_images-v1.tgz", extract_to="jpg", flatten=True
-                ),
-                RemoteFile(f"{_REVISITOP}/roxford5k/gnd_roxford5k.pkl"),
-            ),
-            finish=_finish_revisitop("roxford5k"),
-            source=_REVISITOP_SCRIPT,
+        _revisitop(
+            "roxford5k",
+            "Revisited Oxford: 70 queries, 4,993 images (face-blurred v1 images)",
+            archives=("oxbuildings/oxbuild_images-v1.tgz",),
         ),
-        DatasetSpec(
-            name="rparis6k",
-            description="Revisited Paris: 70 queries, 6,322 images (face-blurred v1 images)",
-            files=(
-                RemoteFile(
-                    f"{_OXFORD}/parisbuildings/paris_1-v1.tgz", extract_to="jpg", flatten=True
-                ),
-                RemoteFile(
-                    f"{_OXFORD}/parisbuildings/paris_2-v1.tgz", extract_to="jpg", flatten=True
-                ),
-                RemoteFile(f"{_REVISITOP}/rparis6k/gnd_rparis6k.pkl"),
-            ),
-            finish=_finish_revisitop("rparis6k"),
-            source=_REVISITOP_SCRIPT,
+        _revisitop(
+            "rparis6k",
+            "Revisited Paris: 70 queries, 6,322 images (face-blurred v1 images)",
+            archives=("parisbuildings/paris_1-v1.tgz", "parisbuildings/paris_2-v1.tgz"),
         ),
         DatasetSpec(
             name="revisitop1m",
@@ -346,27 +351,19 @@ DATASETS: dict[str, DatasetSpec] = {
             finish=_finish_sfm120k,
             source="filipradenovic/cnnimageretrieval-pytorch cirtorch/utils/download.py",
         ),
-        DatasetSpec(
-            name="gldv2-index",
+        _gldv2(
+            "index",
+            100,
             description="Google Landmarks v2 index: 761,757 images, 100 x ~850 MB, md5-checked",
-            files=(
-                *_gldv2_parts("index", 100),
-                RemoteFile(f"{_GLDV2}/metadata/index.csv"),
-                RemoteFile(f"{_GLDV2}/metadata/index_image_to_landmark.csv"),
-            ),
-            finish=_finish_gldv2_index,
-            source="cvdfoundation/google-landmark README.md, download-dataset.sh",
+            answers="metadata/index_image_to_landmark.csv",
+            answers_note="labels: index_image_to_landmark.csv (id, landmark_id)",
         ),
-        DatasetSpec(
-            name="gldv2-test",
+        _gldv2(
+            "test",
+            20,
             description="Google Landmarks v2 test: 117,577 images, 20 x ~500 MB, md5-checked",
-            files=(
-                *_gldv2_parts("test", 20),
-                RemoteFile(f"{_GLDV2}/metadata/test.csv"),
-                RemoteFile(f"{_GLDV2}/ground_truth/retrieval_solution_v2.1.csv"),
-            ),
-            finish=_finish_gldv2_test,
-            source="cvdfoundation/google-landmark README.md, download-dataset.sh",
+            answers="ground_truth/retrieval_solution_v2.1.csv",
+            answers_note="ground truth: retrieval_solution_v2.1.csv",
         ),
     )
 }
