@@ -28,14 +28,13 @@ Validation: 10% of smvs_train's scenes are held out (never an evaluation set).
 
 import ml_collections
 
-from experiments.configs import smvs_mobilenet_v2
+from experiments.configs import smoke, smvs_mobilenet_v2
 
 LOSSES = ("nra", "triplet")
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     parts = [part for part in (arg or "nra").split(",") if part]
-    smoke = "smoke" in parts
     losses = [part for part in parts if part != "smoke"] or ["nra"]
     if len(losses) != 1 or losses[0] not in LOSSES:
         raise ValueError(f"unknown loss in {arg!r}; choose from {', '.join(LOSSES)} (+ ',smoke')")
@@ -48,17 +47,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.optim.weight_decay = 0.0  # the weights' scale is free (the descriptor is L2-normalised)
     config.optim.warmup_steps = 20
 
-    if smoke:  # what tests/experiments/test_darac_training.py runs: 2 steps, 8 scenes, 64 px
-        config.log_every_steps = 1
-        config.data.max_scenes = 8
-        config.data.validation_fraction = 0.25
-        config.data.image_size = 64
-        config.data.workers = 1
-        config.mining.num_tuples = 8
-        config.mining.num_negatives = 2
-        config.optim.batch_size = 4
-        config.optim.num_epochs = 1
-        config.optim.warmup_steps = 0
-        config.checkpoint.every_steps = 1
-        config.eval.every_steps = 2
+    if "smoke" in parts:  # what tests/experiments/test_darac_training.py runs
+        smoke.shrink(config)
     return config

@@ -21,7 +21,7 @@ scene); untuned settings, no measured run yet.
 
 import ml_collections
 
-from experiments.configs import smvs_mobilenet_v2
+from experiments.configs import base
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -45,33 +45,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.first_trainable = "block7"
     config.model.init_checkpoint = ml_collections.config_dict.placeholder(str)
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "csv"
-    config.data.path = str(smvs_mobilenet_v2.SHARED_DATA / "smvs_train" / "labels.csv")
-    config.data.max_scenes = ml_collections.config_dict.placeholder(int)
-    config.data.image_size = 224
-    config.data.workers = 2
-    config.data.augment = ml_collections.ConfigDict()
-    config.data.augment.min_scale = 0.7
-    config.data.augment.crop_fraction = 0.8
-    config.data.augment.flip = False
-    config.data.augment.color_jitter = 0.1
-    config.data.augment.homography_jitter = 0.0  # single images are never warped
-
-    config.optim = ml_collections.ConfigDict()
-    config.optim.batch_size = 8
-    config.optim.num_epochs = 30
-    config.optim.learning_rate = 3e-4
-    config.optim.weight_decay = 1e-4
-    config.optim.gem_p_learning_rate_multiplier = 1.0  # no GeM in DELF
-    config.optim.schedule = "cosine"
-    config.optim.warmup_steps = 100
-    config.optim.accumulation_steps = 1
-    config.optim.clip_norm = ml_collections.config_dict.placeholder(float)
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 100
-    config.checkpoint.keep = 2
+    config.data = base.smvs_train_data(homography_jitter=0.0)  # single images are never warped
+    # No GeM in DELF: gem_p_learning_rate_multiplier keeps its 1.0.
+    config.optim = base.optimizer(batch_size=8, num_epochs=30, learning_rate=3e-4, warmup_steps=100)
+    config.checkpoint = base.checkpointing(every_steps=100)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 170  # every 2 epochs
@@ -82,16 +59,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
 def shrink_for_smoke(config: ml_collections.ConfigDict) -> None:
     """2 steps on 8 scenes of smvs_train at 64 px (8 training + 8 held-out images)."""
-    config.log_every_steps = 1
+    base.shrink_to_smoke(config)
     config.delf.attention_hidden = 16
     config.delf.max_side = 128
     config.delf.validation_min_scene_size = 2
     config.model.first_trainable = "block12"
-    config.data.max_scenes = 8
-    config.data.image_size = 64
-    config.data.workers = 1
-    config.optim.batch_size = 4
-    config.optim.num_epochs = 1
-    config.optim.warmup_steps = 0
-    config.checkpoint.every_steps = 1
-    config.eval.every_steps = 2

@@ -8,21 +8,21 @@ that a run trains, checkpoints, evaluates, exports and resumes).
 
 import ml_collections
 
-from experiments.configs import smvs_mobilenet_v2
+from experiments.configs import base, smvs_mobilenet_v2
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = smvs_mobilenet_v2.get_config(arg)
-    config.log_every_steps = 1
-    config.data.max_scenes = 8
+    shrink(config)
+    return config
+
+
+def shrink(config: ml_collections.ConfigDict) -> None:
+    """Shrinks a retrieval training config in place (:func:`base.shrink_to_smoke`).
+
+    8 tuples of 1 + 1 + 2 images a mining, and 2 of the 8 scenes held out.
+    """
+    base.shrink_to_smoke(config)
     config.data.validation_fraction = 0.25
-    config.data.image_size = 64
-    config.data.workers = 1
     config.mining.num_tuples = 8
     config.mining.num_negatives = 2
-    config.optim.batch_size = 4
-    config.optim.num_epochs = 1
-    config.optim.warmup_steps = 0
-    config.checkpoint.every_steps = 1
-    config.eval.every_steps = 2
-    return config

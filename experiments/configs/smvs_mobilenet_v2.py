@@ -14,17 +14,9 @@ any other evaluation set); every setting here was chosen on that split or taken 
 cirtorch.
 """
 
-import os
-import pathlib
-
 import ml_collections
 
-SHARED_DATA = pathlib.Path(
-    os.environ.get(
-        "JAXRETRIEVAL_SHARED_DATA",
-        pathlib.Path(__file__).resolve().parents[2].parent / "shared" / "data",
-    )
-)
+from experiments.configs import base
 
 LOSS_DEFAULTS = {
     # cirtorch: contrastive margin 0.7 for VGG/ResNet GeM; triplet margin 0.1.
@@ -52,19 +44,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.first_trainable = "block14"
     config.model.init_checkpoint = ml_collections.config_dict.placeholder(str)
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "csv"
-    config.data.path = str(SHARED_DATA / "smvs_train" / "labels.csv")
-    config.data.max_scenes = ml_collections.config_dict.placeholder(int)
+    config.data = base.smvs_train_data(homography_jitter=0.15)
     config.data.validation_fraction = 0.1
-    config.data.image_size = 224
-    config.data.workers = 2
-    config.data.augment = ml_collections.ConfigDict()
-    config.data.augment.min_scale = 0.7
-    config.data.augment.crop_fraction = 0.8
-    config.data.augment.flip = False
-    config.data.augment.color_jitter = 0.1
-    config.data.augment.homography_jitter = 0.15
 
     config.mining = ml_collections.ConfigDict()
     config.mining.num_tuples = 400
@@ -76,20 +57,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.name = loss
     config.loss.kwargs = ml_collections.ConfigDict(LOSS_DEFAULTS[loss])
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.batch_size = 4
-    config.optim.num_epochs = 6
-    config.optim.learning_rate = 1e-4
-    config.optim.weight_decay = 1e-4
-    config.optim.gem_p_learning_rate_multiplier = 10.0
-    config.optim.schedule = "cosine"
-    config.optim.warmup_steps = 20
-    config.optim.accumulation_steps = 1
-    config.optim.clip_norm = ml_collections.config_dict.placeholder(float)
-
-    config.checkpoint = ml_collections.ConfigDict()
-    config.checkpoint.every_steps = 50
-    config.checkpoint.keep = 2
+    config.optim = base.optimizer(
+        batch_size=4,
+        num_epochs=6,
+        learning_rate=1e-4,
+        warmup_steps=20,
+        gem_p_learning_rate_multiplier=10.0,
+    )
+    config.checkpoint = base.checkpointing(every_steps=50)
 
     config.eval = ml_collections.ConfigDict()
     config.eval.every_steps = 100
