@@ -163,6 +163,17 @@ def _check_complete(data: bytes) -> str | None:
     return None
 
 
+def _read_complete(path: str | os.PathLike) -> bytes:
+    """The file's bytes; :class:`ImageDecodeError` if it is unreadable, empty or truncated."""
+    data = _read_bytes(path)
+    if not data:
+        raise ImageDecodeError(path, "file is empty (0 bytes)")
+    reason = _check_complete(data)
+    if reason is not None:
+        raise ImageDecodeError(path, reason)
+    return data
+
+
 def _to_uint8(image: np.ndarray, path: str | os.PathLike) -> np.ndarray:
     if image.dtype == np.uint8:
         return image
@@ -203,12 +214,7 @@ def load_image(
       ImageDecodeError: The file is missing, unreadable, empty, truncated, not an image,
         or too large; the message names the file and the reason.
     """
-    data = _read_bytes(path)
-    if not data:
-        raise ImageDecodeError(path, "file is empty (0 bytes)")
-    reason = _check_complete(data)
-    if reason is not None:
-        raise ImageDecodeError(path, reason)
+    data = _read_complete(path)
     header_size = _header_size(data)
     if header_size is not None:
         _check_pixels(path, header_size, max_pixels)
@@ -299,12 +305,7 @@ def image_size(path: str | os.PathLike) -> tuple[int, int]:
     Raises:
       ImageDecodeError: As :func:`load_image`.
     """
-    data = _read_bytes(path)
-    if not data:
-        raise ImageDecodeError(path, "file is empty (0 bytes)")
-    reason = _check_complete(data)
-    if reason is not None:
-        raise ImageDecodeError(path, reason)
+    data = _read_complete(path)
     size = _header_size(data)
     if size is not None:
         return size
