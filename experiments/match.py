@@ -46,10 +46,7 @@ def parse_args(argv=None):
         help="delf: RANSAC inlier distance in image pixels (the authors': 20)",
     )
     parser.add_argument(
-        "--max-features",
-        type=cli._positive_int,
-        default=None,
-        help="features per image (dsm: 512, delf: 1000)",
+        "--max-features", type=cli._positive_int, help="features per image (dsm: 512, delf: 1000)"
     )
     parser.add_argument("--seed", type=int, default=0, help="delf: seed of the RANSAC samples")
     cli.add_model_args(parser)

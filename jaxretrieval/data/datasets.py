@@ -185,6 +185,27 @@ class RetrievalDataset:
     gnd: tuple[dict[str, Any], ...]
     extension: str = ".jpg"
 
+    @classmethod
+    def from_ground_truth(
+        cls,
+        ground_truth: dict[str, Any],
+        *,
+        name: str,
+        root: pathlib.Path,
+        image_dir: pathlib.Path,
+        extension: str,
+    ) -> "RetrievalDataset":
+        """The dataset of a ground truth that :func:`validate_ground_truth` returned."""
+        return cls(
+            name=name,
+            root=root,
+            image_dir=image_dir,
+            imlist=tuple(ground_truth["imlist"]),
+            qimlist=tuple(ground_truth["qimlist"]),
+            gnd=tuple(ground_truth["gnd"]),
+            extension=extension,
+        )
+
     def path(self, image_name: str) -> pathlib.Path:
         """The file of an image name from ``imlist`` or ``qimlist``."""
         return self.image_dir / f"{image_name}{self.extension}"
@@ -272,14 +293,8 @@ def load_dataset(
     image_dir = next((root / d for d in IMAGE_DIRS if (root / d).is_dir()), root / "jpg")
     names = ground_truth["imlist"] + ground_truth["qimlist"]
     extension = _find_extension(image_dir, names[0]) if names else ".jpg"
-    dataset = RetrievalDataset(
-        name=name,
-        root=root,
-        image_dir=image_dir,
-        imlist=tuple(ground_truth["imlist"]),
-        qimlist=tuple(ground_truth["qimlist"]),
-        gnd=tuple(ground_truth["gnd"]),
-        extension=extension,
+    dataset = RetrievalDataset.from_ground_truth(
+        ground_truth, name=name, root=root, image_dir=image_dir, extension=extension
     )
     if check_images:
         missing = [p for p in dataset.query_paths + dataset.database_paths if not p.is_file()]
@@ -395,9 +410,7 @@ def load_query_image(
       IndexError: ``i`` is out of range.
       jaxretrieval.data.images.ImageDecodeError: The file cannot be decoded.
     """
-    if not 0 <= i < dataset.num_queries:
-        raise IndexError(f"query index {i} out of range [0, {dataset.num_queries}).")
-    image = images.load_image(dataset.path(dataset.qimlist[i]))
+    image = _load_listed(dataset, "query", dataset.qimlist, i)
     box = dataset.gnd[i]["bbx"]
     if box is not None:
         image = images.crop_to_box(image, box)
@@ -413,7 +426,14 @@ def load_database_image(
       IndexError: ``i`` is out of range.
       jaxretrieval.data.images.ImageDecodeError: The file cannot be decoded.
     """
-    if not 0 <= i < dataset.num_database:
-        raise IndexError(f"database index {i} out of range [0, {dataset.num_database}).")
-    image = images.load_image(dataset.path(dataset.imlist[i]))
+    image = _load_listed(dataset, "database", dataset.imlist, i)
     return images.resize_max_side(image, max_side, upscale=upscale)
+
+
+def _load_listed(
+    dataset: RetrievalDataset, kind: str, names: tuple[str, ...], i: int
+) -> UInt8[np.ndarray, "H W 3"]:
+    """Image ``names[i]`` (the queries' or the database's) decoded, at its own size."""
+    if not 0 <= i < len(names):
+        raise IndexError(f"{kind} index {i} out of range [0, {len(names)}).")
+    return images.load_image(dataset.path(names[i]))

@@ -497,14 +497,8 @@ def to_retrieval_dataset(labelled: LabelledImages, *, name: str) -> datasets.Ret
         },
         source=name,
     )
-    return datasets.RetrievalDataset(
-        name=name,
-        root=image_dir,
-        image_dir=image_dir,
-        imlist=tuple(ground_truth["imlist"]),
-        qimlist=tuple(ground_truth["qimlist"]),
-        gnd=tuple(ground_truth["gnd"]),
-        extension="",
+    return datasets.RetrievalDataset.from_ground_truth(
+        ground_truth, name=name, root=image_dir, image_dir=image_dir, extension=""
     )
 
 
