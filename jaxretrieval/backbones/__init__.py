@@ -1,8 +1,9 @@
 """Flax backbones (NHWC) with weights imported from PyTorch ``.pth`` files without torch.
 
-Every backbone is a Linen module called as ``module.apply(variables, images, train=False)``
-on normalised RGB images ``(B, H, W, 3)``, returning ``(logits_or_pooled, features)`` where
-``features`` is a dict of named feature maps. :data:`BACKBONES` is a plain dict of
+Every backbone is a Linen module (a :class:`~jaxretrieval.backbones.base.Backbone`) called
+as ``module.apply(variables, images, train=False)`` on normalised RGB images
+``(B, H, W, 3)``, returning ``(logits_or_pooled, features)`` where ``features`` is a dict
+of named feature maps. :data:`BACKBONES` is a plain dict of
 :class:`BackboneSpec` entries (no registration by import side effect):
 
 >>> "mobilenet_v2" in BACKBONES
@@ -109,18 +110,13 @@ BACKBONES: dict[str, BackboneSpec] = {
         feature_channels=2048,
         feature_stride=32,
     ),
-    # DSM's setting: the same weights, last stage at stride 1 with dilation 2.
-    "resnet101_dilated": BackboneSpec(
-        name="resnet101_dilated",
-        module=functools.partial(resnet.ResNet101, last_stage_dilation=True),
-        load_pretrained=resnet.load_resnet101,
-        input_mean=IMAGENET_MEAN,
-        input_std=IMAGENET_STD,
-        feature_name="stage4",
-        feature_channels=2048,
-        feature_stride=16,
-    ),
 }
+# DSM's setting: ResNet101 with the same weights, last stage at stride 1 with dilation 2.
+BACKBONES["resnet101_dilated"] = BACKBONES["resnet101"]._replace(
+    name="resnet101_dilated",
+    module=functools.partial(resnet.ResNet101, last_stage_dilation=True),
+    feature_stride=16,
+)
 
 
 def load_backbone(

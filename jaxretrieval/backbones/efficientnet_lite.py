@@ -15,16 +15,12 @@ References:
   ICML 2019. EfficientNet-Lite: tensorflow/tpu models/official/efficientnet/lite.
 """
 
+import functools
 import os
-from typing import Any
+from typing import Any, ClassVar
 
-import flax.linen as nn
-import jax
-import jax.numpy as jnp
-
-from jaxretrieval.array_types import AnyArray, Array, Float
 from jaxretrieval.backbones import weights
-from jaxretrieval.backbones.mobilenet_v2 import ConvBN, InvertedResidual
+from jaxretrieval.backbones.mobilenet_v2 import MobileNetV2, block_settings
 
 # (kernel k, first stride s, expansion e, output channels c, repeats n) of EfficientNet-B0;
 # Lite0 uses the same table (width and depth multipliers 1.0).
@@ -43,73 +39,29 @@ INPUT_MEAN = (127.0 / 255.0,) * 3
 INPUT_STD = (128.0 / 255.0,) * 3
 
 
-def _block_settings() -> list[tuple[int, int, int, int, int]]:
-    """(index, kernel, stride, expansion, channels) for each block, in order."""
-    blocks = []
-    for kernel, stride, expansion, channels, repeats in LITE0_BLOCKS:
-        for i in range(repeats):
-            blocks.append((len(blocks), kernel, stride if i == 0 else 1, expansion, channels))
-    return blocks
+class EfficientNetLite0(MobileNetV2):
+    """EfficientNet-Lite0: the network of MobileNetV2 with other blocks and settings.
 
+    :class:`~jaxretrieval.backbones.mobilenet_v2.MobileNetV2` with the Lite0 blocks (3x3
+    and 5x5 depthwise kernels), the head convolution named ``head`` and TensorFlow's
+    padding and BatchNorm settings (see the module docstring).
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0.
-
-    Attributes:
-      num_classes: Classifier outputs.
-      dropout_rate: Dropout before the classifier (when ``train``; needs a ``"dropout"`` rng).
-      freeze_batch_stats: Keep BatchNorm on its running statistics also when training.
-      dtype: Computation dtype.
+    ``features`` maps ``"stage1"``..``"stage4"`` (strides 4, 8, 16, 32 with 24, 40, 112,
+    320 channels), ``"last_conv"`` (the 1280-channel head after ReLU6, stride 32) and
+    ``"pooled"`` (its spatial mean). Inputs are RGB ``(x - 127) / 128`` for ``x`` in
+    [0, 255]. The fields are MobileNetV2's.
     """
 
-    num_classes: int = 1000
-    dropout_rate: float = 0.2
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
-
-    @nn.compact
-    def __call__(
-        self, images: Float[AnyArray, "B H W 3"], *, train: bool = False
-    ) -> tuple[Float[Array, "B {self.num_classes}"], dict[str, Array]]:
-        """Classifies normalised RGB images and returns the intermediate feature maps.
-
-        Args:
-          images: RGB, ``(x - 127) / 128`` for ``x`` in [0, 255].
-          train: Update BatchNorm statistics (unless frozen) and apply dropout.
-
-        Returns:
-          ``(logits, features)``. ``features`` maps ``"stage1"``..``"stage4"`` (strides 4,
-          8, 16, 32 with 24, 40, 112, 320 channels), ``"last_conv"`` (the 1280-channel head
-          after ReLU6, stride 32) and ``"pooled"`` (its spatial mean).
-        """
-        x = jnp.asarray(images, self.dtype)
-        common = {
-            "padding": "SAME",
-            "bn_epsilon": 1e-3,
-            "bn_momentum": 0.99,
-            "freeze_batch_stats": self.freeze_batch_stats,
-            "dtype": self.dtype,
-        }
-        features: dict[str, Array] = {}
-        x = ConvBN(32, strides=2, name="stem", **common)(x, train=train)
-        for index, kernel, stride, expansion, channels in _block_settings():
-            x = InvertedResidual(
-                channels,
-                stride,
-                expansion,
-                kernel_size=kernel,
-                name=f"block{index}",
-                **common,
-            )(x, train=train)
-            if index in STAGE_OUTPUTS:
-                features[STAGE_OUTPUTS[index]] = x
-        x = ConvBN(1280, kernel_size=1, name="head", **common)(x, train=train)
-        features["last_conv"] = x
-        pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (B, 1280)
-        features["pooled"] = pooled
-        y = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
-        logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(y)
-        return logits.astype(jnp.float32), features
+    BLOCKS: ClassVar[tuple[tuple[int, int, int, int, int], ...]] = block_settings(
+        LITE0_BLOCKS, first_index=0
+    )
+    STAGE_OUTPUTS: ClassVar[dict[int, str]] = STAGE_OUTPUTS
+    HEAD_NAME: ClassVar[str] = "head"
+    CONV_OPTIONS: ClassVar[dict[str, Any]] = {
+        "padding": "SAME",
+        "bn_epsilon": 1e-3,
+        "bn_momentum": 0.99,
+    }
 
 
 def convert_efficientnet_lite0(state_dict: dict, *, source: str = "<state dict>") -> dict:
@@ -127,27 +79,19 @@ def convert_efficientnet_lite0(state_dict: dict, *, source: str = "<state dict>"
       ValueError: A key is left over.
     """
     consumer = weights.StateDictConsumer(state_dict, source=source)
-    params: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-
-    def conv_bn(flax_path: tuple[str, ...], conv: str, bn: str) -> None:
-        p, s = params, stats
-        for part in flax_path:
-            p, s = p.setdefault(part, {}), s.setdefault(part, {})
-        p["conv"] = consumer.conv(conv)
-        p["bn"], s["bn"] = consumer.batch_norm(bn)
-
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    conv_bn = functools.partial(consumer.conv_bn, variables)
     conv_bn(("stem",), "_conv_stem", "_bn0")
-    for index, _, _, expansion, _ in _block_settings():
+    for index, _, _, expansion, _ in EfficientNetLite0.BLOCKS:
         prefix, name = f"_blocks.{index}", f"block{index}"
         if expansion != 1:
             conv_bn((name, "expand"), f"{prefix}._expand_conv", f"{prefix}._bn0")
         conv_bn((name, "depthwise"), f"{prefix}._depthwise_conv", f"{prefix}._bn1")
         conv_bn((name, "project"), f"{prefix}._project_conv", f"{prefix}._bn2")
     conv_bn(("head",), "_conv_head", "_bn1")
-    params["classifier"] = consumer.linear("_fc")
+    variables["params"]["classifier"] = consumer.linear("_fc")
     consumer.finish()
-    return {"params": params, "batch_stats": stats}
+    return variables
 
 
 def load_efficientnet_lite0(path: str | os.PathLike | None = None) -> dict:
@@ -166,6 +110,4 @@ def load_efficientnet_lite0(path: str | os.PathLike | None = None) -> dict:
     """
     if path is None:
         path = weights.shipped_weights_path("efficientnet_lite0")
-    path = os.fspath(path)
-    variables = convert_efficientnet_lite0(weights.load_torch_state_dict(path), source=path)
-    return jax.tree.map(jnp.asarray, variables)
+    return weights.load_torch_variables(path, convert_efficientnet_lite0)

@@ -16,16 +16,18 @@ References:
   bottlenecks. CVPR 2018.
 """
 
+import dataclasses
+import functools
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxretrieval.array_types import AnyArray, Array, Float
 from jaxretrieval.backbones import weights
+from jaxretrieval.backbones.base import Backbone, BatchNormOptions
 
 # (expansion t, output channels c, repeats n, first stride s), torchvision's table.
 INVERTED_RESIDUAL_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
@@ -37,7 +39,8 @@ INVERTED_RESIDUAL_SETTINGS: tuple[tuple[int, int, int, int], ...] = (
     (6, 160, 3, 2),
     (6, 320, 1, 1),
 )
-# Named intermediates: the output of block i (torch ``features.i``) -> (name, stride).
+# Named intermediates: the output of block i (torch ``features.i``) -> name; strides 4, 8,
+# 16, 32.
 STAGE_OUTPUTS: dict[int, str] = {3: "stage1", 6: "stage2", 13: "stage3", 17: "stage4"}
 
 
@@ -46,7 +49,30 @@ def relu6(x: Array) -> Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
-class ConvBN(nn.Module):
+class ConvBNOptions(BatchNormOptions):
+    """The convolution and BatchNorm settings a block passes on to its :class:`ConvBN` layers.
+
+    Keyword-only fields, beside :class:`~jaxretrieval.backbones.base.BatchNormOptions`'s.
+
+    Attributes:
+      padding: ``"symmetric"`` pads ``kernel_size // 2`` (times the dilation) on every side
+        (torch), or any Flax padding (``"SAME"`` is TensorFlow's, right for weights
+        converted from TF).
+      bn_epsilon: BatchNorm epsilon.
+      bn_momentum: Flax BatchNorm momentum, ``1 - torch momentum``.
+    """
+
+    padding: Any = dataclasses.field(default="symmetric", kw_only=True)
+    bn_epsilon: float = dataclasses.field(default=1e-5, kw_only=True)
+    bn_momentum: float = dataclasses.field(default=0.9, kw_only=True)
+
+    def conv_bn_options(self) -> dict[str, Any]:
+        """These settings as keyword arguments for the :class:`ConvBN` layers of a block."""
+        names = ("padding", "bn_epsilon", "bn_momentum", "freeze_batch_stats", "dtype")
+        return {name: getattr(self, name) for name in names}
+
+
+class ConvBN(ConvBNOptions):
     """Convolution without bias, BatchNorm, optional activation (torch ``Conv2dNormActivation``).
 
     Attributes:
@@ -55,13 +81,7 @@ class ConvBN(nn.Module):
       strides: Convolution stride.
       groups: ``feature_group_count``; equal to the input channels for a depthwise conv.
       activation: Applied after BatchNorm; ``None`` for a linear projection.
-      padding: ``"symmetric"`` pads ``kernel_size // 2`` on every side (torch), or any Flax
-        padding (``"SAME"`` is TensorFlow's, right for weights converted from TF).
       kernel_dilation: Dilation of the kernel (with symmetric padding scaled to match).
-      bn_epsilon: BatchNorm epsilon.
-      bn_momentum: Flax BatchNorm momentum, ``1 - torch momentum``.
-      freeze_batch_stats: Always use the running statistics, also when training.
-      dtype: Computation dtype (parameters stay float32).
     """
 
     features: int
@@ -69,12 +89,7 @@ class ConvBN(nn.Module):
     strides: int = 1
     groups: int = 1
     activation: Callable[[Array], Array] | None = relu6
-    padding: Any = "symmetric"
     kernel_dilation: int = 1
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -106,7 +121,7 @@ class ConvBN(nn.Module):
         return x if self.activation is None else self.activation(x)
 
 
-class InvertedResidual(nn.Module):
+class InvertedResidual(ConvBNOptions):
     """Expand (1x1) -> depthwise (kxk) -> linear project (1x1), with a skip when shapes match.
 
     Also EfficientNet-Lite's MBConv block, which is this block without squeeze-excitation.
@@ -116,22 +131,12 @@ class InvertedResidual(nn.Module):
       strides: Stride of the depthwise convolution.
       expansion: Hidden channels = ``expansion * input channels``; no expand conv if 1.
       kernel_size: Kernel of the depthwise convolution.
-      padding: See :class:`ConvBN`.
-      bn_epsilon: BatchNorm epsilon.
-      bn_momentum: Flax BatchNorm momentum.
-      freeze_batch_stats: See :class:`ConvBN`.
-      dtype: Computation dtype.
     """
 
     features: int
     strides: int
     expansion: int
     kernel_size: int = 3
-    padding: Any = "symmetric"
-    bn_epsilon: float = 1e-5
-    bn_momentum: float = 0.9
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -141,13 +146,7 @@ class InvertedResidual(nn.Module):
         x = jnp.asarray(x, self.dtype)
         in_channels = x.shape[-1]
         hidden = in_channels * self.expansion
-        common = {
-            "padding": self.padding,
-            "bn_epsilon": self.bn_epsilon,
-            "bn_momentum": self.bn_momentum,
-            "freeze_batch_stats": self.freeze_batch_stats,
-            "dtype": self.dtype,
-        }
+        common = self.conv_bn_options()
         y = x
         if self.expansion != 1:
             y = ConvBN(hidden, kernel_size=1, name="expand", **common)(y, train=train)
@@ -167,73 +166,84 @@ class InvertedResidual(nn.Module):
         return y
 
 
-class MobileNetV2(nn.Module):
-    """torchvision's MobileNetV2 (width 1.0).
+def block_settings(
+    table: tuple[tuple[int, int, int, int, int], ...], *, first_index: int
+) -> tuple[tuple[int, int, int, int, int], ...]:
+    """``(index, kernel, stride, expansion, channels)`` of each block of a stage table.
+
+    Args:
+      table: One ``(kernel, first stride, expansion, output channels, repeats)`` row per
+        stage; the stride applies to the stage's first block only.
+      first_index: Index of the first block (its torch ``Sequential`` position).
+    """
+    blocks = []
+    for kernel, stride, expansion, channels, repeats in table:
+        for i in range(repeats):
+            index = first_index + len(blocks)
+            blocks.append((index, kernel, stride if i == 0 else 1, expansion, channels))
+    return tuple(blocks)
+
+
+class MobileNetV2(Backbone):
+    """torchvision's MobileNetV2 (width 1.0); with other class constants, EfficientNet-Lite0.
+
+    The stem (3x3 convolution, stride 2, 32 channels), the inverted residual blocks and the
+    1x1 head convolution to 1280 channels, then the spatial mean, dropout and the classifier.
+    The class constants (not fields) hold what :class:`~jaxretrieval.backbones.
+    efficientnet_lite.EfficientNetLite0` changes: the blocks, the named block outputs, the
+    name of the head convolution and the convolution/BatchNorm settings.
+
+    ``features`` maps ``"stage1"``..``"stage4"`` (block outputs at strides 4, 8, 16, 32;
+    24, 32, 96, 320 channels here), ``"last_conv"`` (the 1280-channel head after ReLU6,
+    stride 32) and ``"pooled"`` (its spatial mean, ``(B, 1280)``). Inputs are normalised
+    with the ImageNet mean and std.
 
     Attributes:
       num_classes: Classifier outputs.
       dropout_rate: Dropout before the classifier (active only when ``train``; needs a
         ``"dropout"`` rng then).
-      freeze_batch_stats: Keep BatchNorm on its running statistics also when training (the
-        usual choice when fine-tuning for retrieval with small batches).
-      dtype: Computation dtype (e.g. ``jnp.bfloat16`` on accelerators).
     """
 
     num_classes: int = 1000
     dropout_rate: float = 0.2
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(
-        self, images: Float[AnyArray, "B H W 3"], *, train: bool = False
+    # (index, kernel, stride, expansion, channels): torchvision's (t, c, n, s) rows, 3x3.
+    BLOCKS: ClassVar[tuple[tuple[int, int, int, int, int], ...]] = block_settings(
+        tuple((3, s, t, c, n) for t, c, n, s in INVERTED_RESIDUAL_SETTINGS), first_index=1
+    )
+    STAGE_OUTPUTS: ClassVar[dict[int, str]] = STAGE_OUTPUTS
+    HEAD_NAME: ClassVar[str] = "last_conv"
+    CONV_OPTIONS: ClassVar[dict[str, Any]] = {}  # ConvBNOptions fields: torch's defaults
+
+    def network(
+        self, x: Float[Array, "B H W 3"], *, train: bool
     ) -> tuple[Float[Array, "B {self.num_classes}"], dict[str, Array]]:
-        """Classifies normalised RGB images and returns the intermediate feature maps.
-
-        Args:
-          images: RGB, ``(x / 255 - mean) / std`` with the ImageNet mean and std.
-          train: Update BatchNorm statistics (unless frozen) and apply dropout.
-
-        Returns:
-          ``(logits, features)``. ``features`` maps ``"stage1"``..``"stage4"`` (block
-          outputs at strides 4, 8, 16, 32 with 24, 32, 96, 320 channels), ``"last_conv"``
-          (the final 1280-channel map after ReLU6, stride 32) and ``"pooled"`` (its
-          spatial mean, ``(B, 1280)``).
-        """
-        x = jnp.asarray(images, self.dtype)
-        common = {"freeze_batch_stats": self.freeze_batch_stats, "dtype": self.dtype}
+        """Classifies the images and returns the intermediate feature maps."""
+        common = {
+            **self.CONV_OPTIONS,
+            "freeze_batch_stats": self.freeze_batch_stats,
+            "dtype": self.dtype,
+        }
         features: dict[str, Array] = {}
         x = ConvBN(32, strides=2, name="stem", **common)(x, train=train)
-        index = 1
-        for expansion, channels, repeats, stride in INVERTED_RESIDUAL_SETTINGS:
-            for i in range(repeats):
-                x = InvertedResidual(
-                    channels,
-                    stride if i == 0 else 1,
-                    expansion,
-                    name=f"block{index}",
-                    **common,
-                )(x, train=train)
-                if index in STAGE_OUTPUTS:
-                    features[STAGE_OUTPUTS[index]] = x
-                index += 1
-        x = ConvBN(1280, kernel_size=1, name="last_conv", **common)(x, train=train)
+        for index, kernel, stride, expansion, channels in self.BLOCKS:
+            x = InvertedResidual(
+                channels,
+                stride,
+                expansion,
+                kernel_size=kernel,
+                name=f"block{index}",
+                **common,
+            )(x, train=train)
+            if index in self.STAGE_OUTPUTS:
+                features[self.STAGE_OUTPUTS[index]] = x
+        x = ConvBN(1280, kernel_size=1, name=self.HEAD_NAME, **common)(x, train=train)
         features["last_conv"] = x
         pooled = jnp.mean(x.astype(jnp.float32), axis=(1, 2))  # (B, 1280)
         features["pooled"] = pooled
         y = nn.Dropout(self.dropout_rate, deterministic=not train)(pooled)
         logits = nn.Dense(self.num_classes, dtype=self.dtype, name="classifier")(y)
         return logits.astype(jnp.float32), features
-
-
-def _block_settings() -> list[tuple[int, int, int]]:
-    """(index, expansion, channels) for each inverted residual block, in order."""
-    blocks, index = [], 1
-    for expansion, channels, repeats, _ in INVERTED_RESIDUAL_SETTINGS:
-        for _ in range(repeats):
-            blocks.append((index, expansion, channels))
-            index += 1
-    return blocks
 
 
 def convert_mobilenet_v2(state_dict: dict, *, source: str = "<state dict>") -> dict:
@@ -251,18 +261,10 @@ def convert_mobilenet_v2(state_dict: dict, *, source: str = "<state dict>") -> d
       ValueError: A key is left over (not a torchvision MobileNetV2 file).
     """
     consumer = weights.StateDictConsumer(state_dict, source=source)
-    params: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-
-    def conv_bn(flax_path: tuple[str, ...], conv: str, bn: str) -> None:
-        p, s = params, stats
-        for part in flax_path:
-            p, s = p.setdefault(part, {}), s.setdefault(part, {})
-        p["conv"] = consumer.conv(conv)
-        p["bn"], s["bn"] = consumer.batch_norm(bn)
-
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    conv_bn = functools.partial(consumer.conv_bn, variables)
     conv_bn(("stem",), "features.0.0", "features.0.1")
-    for index, expansion, _ in _block_settings():
+    for index, _, _, expansion, _ in MobileNetV2.BLOCKS:
         torch_prefix, name = f"features.{index}.conv", f"block{index}"
         layer = 0
         if expansion != 1:
@@ -271,9 +273,9 @@ def convert_mobilenet_v2(state_dict: dict, *, source: str = "<state dict>") -> d
         conv_bn((name, "depthwise"), f"{torch_prefix}.{layer}.0", f"{torch_prefix}.{layer}.1")
         conv_bn((name, "project"), f"{torch_prefix}.{layer + 1}", f"{torch_prefix}.{layer + 2}")
     conv_bn(("last_conv",), "features.18.0", "features.18.1")
-    params["classifier"] = consumer.linear("classifier.1")
+    variables["params"]["classifier"] = consumer.linear("classifier.1")
     consumer.finish()
-    return {"params": params, "batch_stats": stats}
+    return variables
 
 
 def load_mobilenet_v2(path: str | os.PathLike | None = None) -> dict:
@@ -292,6 +294,4 @@ def load_mobilenet_v2(path: str | os.PathLike | None = None) -> dict:
     """
     if path is None:
         path = weights.shipped_weights_path("mobilenet_v2")
-    path = os.fspath(path)
-    variables = convert_mobilenet_v2(weights.load_torch_state_dict(path), source=path)
-    return jax.tree.map(jnp.asarray, variables)
+    return weights.load_torch_variables(path, convert_mobilenet_v2)

@@ -17,32 +17,28 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from jaxretrieval.array_types import AnyArray, Array, Float
 from jaxretrieval.backbones import weights
+from jaxretrieval.backbones.base import Backbone, BatchNormOptions
 from jaxretrieval.backbones.mobilenet_v2 import ConvBN
 
 BOTTLENECK_EXPANSION = 4
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(BatchNormOptions):
     """1x1 reduce -> 3x3 (stride, dilation) -> 1x1 expand, plus a (projected) shortcut.
 
     Attributes:
       width: Channels of the 1x1/3x3 convolutions; the output has ``4 * width``.
       strides: Stride of the 3x3 convolution and of the projection shortcut.
       dilation: Dilation of the 3x3 convolution.
-      freeze_batch_stats: See :class:`~jaxretrieval.backbones.mobilenet_v2.ConvBN`.
-      dtype: Computation dtype.
     """
 
     width: int
     strides: int = 1
     dilation: int = 1
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(
@@ -80,8 +76,13 @@ class Bottleneck(nn.Module):
         return nn.relu(y + shortcut)
 
 
-class ResNet(nn.Module):
+class ResNet(Backbone):
     """torchvision's bottleneck ResNet.
+
+    ``features`` maps ``"stem"`` (after the max-pool, stride 4) and ``"stage1"``..
+    ``"stage4"`` (strides 4, 8, 16, 32, or 16 for the last with ``last_stage_dilation``;
+    channels ``4 * base_width * (1, 2, 4, 8)``). Inputs are normalised with the ImageNet
+    mean and std.
 
     Attributes:
       stage_sizes: Blocks per stage, e.g. ``(3, 4, 6, 3)`` for ResNet50.
@@ -89,33 +90,17 @@ class ResNet(nn.Module):
         ``stage4`` as first output; an int adds ``fc`` and returns logits.
       last_stage_dilation: Stride 1 and dilation 2 in the last stage (output stride 16).
       base_width: Width of the first stage (64; smaller only for tests).
-      freeze_batch_stats: Keep BatchNorm on its running statistics also when training.
-      dtype: Computation dtype.
     """
 
     stage_sizes: Sequence[int]
     num_classes: int | None = None
     last_stage_dilation: bool = False
     base_width: int = 64
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(
-        self, images: Float[AnyArray, "B H W 3"], *, train: bool = False
+    def network(
+        self, x: Float[Array, "B H W 3"], *, train: bool
     ) -> tuple[Float[Array, "B _"], dict[str, Array]]:
-        """Runs the network on normalised RGB images.
-
-        Args:
-          images: RGB, ``(x / 255 - mean) / std`` with the ImageNet mean and std.
-          train: Update BatchNorm statistics (unless frozen).
-
-        Returns:
-          ``(logits or pooled, features)``. ``features`` maps ``"stem"`` (after the max-pool,
-          stride 4) and ``"stage1"``..``"stage4"`` (strides 4, 8, 16, 32, or 16 for the last
-          with ``last_stage_dilation``; channels ``4 * base_width * (1, 2, 4, 8)``).
-        """
-        x = jnp.asarray(images, self.dtype)
+        """Logits (or the pooled ``stage4``) and the named feature maps of the images."""
         common = {"freeze_batch_stats": self.freeze_batch_stats, "dtype": self.dtype}
         x = ConvBN(
             self.base_width, kernel_size=7, strides=2, activation=nn.relu, name="stem", **common
@@ -172,16 +157,8 @@ def convert_resnet(
       ValueError: A key is left over (e.g. a ResNet101 file read as ResNet50).
     """
     consumer = weights.StateDictConsumer(state_dict, source=source)
-    params: dict[str, Any] = {}
-    stats: dict[str, Any] = {}
-
-    def conv_bn(flax_path: tuple[str, ...], conv: str, bn: str) -> None:
-        p, s = params, stats
-        for part in flax_path:
-            p, s = p.setdefault(part, {}), s.setdefault(part, {})
-        p["conv"] = consumer.conv(conv)
-        p["bn"], s["bn"] = consumer.batch_norm(bn)
-
+    variables: dict[str, Any] = {"params": {}, "batch_stats": {}}
+    conv_bn = functools.partial(consumer.conv_bn, variables)
     conv_bn(("stem",), "conv1", "bn1")
     for stage, num_blocks in enumerate(stage_sizes):
         for block in range(num_blocks):
@@ -191,11 +168,11 @@ def convert_resnet(
             if block == 0:
                 conv_bn((name, "downsample"), f"{prefix}.downsample.0", f"{prefix}.downsample.1")
     if include_classifier:
-        params["fc"] = consumer.linear("fc")
+        variables["params"]["fc"] = consumer.linear("fc")
     else:
         consumer.skip("fc.")
     consumer.finish()
-    return {"params": params, "batch_stats": stats}
+    return variables
 
 
 def load_resnet(
@@ -227,14 +204,9 @@ def load_resnet(
             "torchvision ResNet state dict (e.g. resnet101-63fe2227.pth, saved with "
             "torch.save(model.state_dict(), path))"
         )
-    path = os.fspath(path)
-    variables = convert_resnet(
-        weights.load_torch_state_dict(path),
-        stage_sizes=stage_sizes,
-        include_classifier=include_classifier,
-        source=path,
+    return weights.load_torch_variables(
+        path, convert_resnet, stage_sizes=stage_sizes, include_classifier=include_classifier
     )
-    return jax.tree.map(jnp.asarray, variables)
 
 
 load_resnet50 = functools.partial(load_resnet, stage_sizes=(3, 4, 6, 3))

@@ -28,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxretrieval import safe_pickle
-from jaxretrieval.array_types import AnyArray, Array, Float
+from jaxretrieval.array_types import Array, Float
 from jaxretrieval.backbones import weights
+from jaxretrieval.backbones.base import Backbone
 
 # Convolutions per block and their width relative to ``base_width`` (VGG16, config "D").
 VGG16_BLOCKS: tuple[tuple[int, int], ...] = ((2, 1), (2, 2), (3, 4), (3, 8), (3, 8))
@@ -62,8 +63,12 @@ def adaptive_avg_pool(x: Float[Array, "B H W C"], output_size: int) -> Float[Arr
     return jnp.stack(rows, axis=1)  # (B, o, o, C)
 
 
-class VGG16(nn.Module):
-    """torchvision's VGG16 (no batch norm).
+class VGG16(Backbone):
+    """torchvision's VGG16 (no batch norm, so ``freeze_batch_stats`` has no effect).
+
+    ``features`` maps ``"conv1_2"``, ``"conv2_2"``, ``"conv3_3"``, ``"conv4_3"``,
+    ``"conv5_3"`` (each block's last ReLU output, strides 1, 2, 4, 8, 16) and ``"pool5"``
+    (stride 32). Inputs are normalised with the ImageNet mean and std.
 
     Attributes:
       num_classes: ``None`` (default) builds only the convolutional part and returns the
@@ -72,34 +77,17 @@ class VGG16(nn.Module):
       base_width: Channels of the first block (64 in VGG16; smaller only for tests).
       classifier_width: Units of fc6 and fc7 (4096 in VGG16; smaller only for tests).
       dropout_rate: Dropout in the classifier (when ``train``; needs a ``"dropout"`` rng).
-      freeze_batch_stats: Has no effect (VGG16 has no BatchNorm); accepted so that every
-        registered backbone takes the same fields.
-      dtype: Computation dtype.
     """
 
     num_classes: int | None = None
     base_width: int = 64
     classifier_width: int = 4096
     dropout_rate: float = 0.5
-    freeze_batch_stats: bool = False
-    dtype: Any = jnp.float32
 
-    @nn.compact
-    def __call__(
-        self, images: Float[AnyArray, "B H W 3"], *, train: bool = False
+    def network(
+        self, x: Float[Array, "B H W 3"], *, train: bool
     ) -> tuple[Float[Array, "B _"], dict[str, Array]]:
-        """Runs the network on normalised RGB images.
-
-        Args:
-          images: RGB, ``(x / 255 - mean) / std`` with the ImageNet mean and std.
-          train: Apply dropout in the classifier.
-
-        Returns:
-          ``(logits or pooled, features)``. ``features`` maps ``"conv1_2"``, ``"conv2_2"``,
-          ``"conv3_3"``, ``"conv4_3"``, ``"conv5_3"`` (each block's last ReLU output, strides
-          1, 2, 4, 8, 16) and ``"pool5"`` (stride 32).
-        """
-        x = jnp.asarray(images, self.dtype)
+        """Logits (or the pooled ``conv5_3``) and the named feature maps of the images."""
         features: dict[str, Array] = {}
         for block, (num_convs, multiplier) in enumerate(VGG16_BLOCKS, start=1):
             for i in range(1, num_convs + 1):
@@ -272,7 +260,4 @@ def load_vgg16(path: str | os.PathLike | None = None, *, include_classifier: boo
                 "torchvision VGG16 state dict to load fc6-fc8"
             )
         return load_lpips_vgg16(weights.shipped_weights_path("vgg16"))
-    path = os.fspath(path)
-    state_dict = weights.load_torch_state_dict(path)
-    variables = convert_vgg16(state_dict, include_classifier=include_classifier, source=path)
-    return jax.tree.map(jnp.asarray, variables)
+    return weights.load_torch_variables(path, convert_vgg16, include_classifier=include_classifier)

@@ -20,7 +20,9 @@ The conversion helpers turn torch layouts into Flax ones: convolution kernels
 ``(O, I, kh, kw) -> (kh, kw, I, O)``, linear weights ``(out, in) -> (in, out)``, and
 BatchNorm ``weight, bias, running_mean, running_var`` into ``params`` ``scale, bias`` and
 ``batch_stats`` ``mean, var``. :class:`StateDictConsumer` tracks which keys a model used,
-so that a converter can insist that every key of the file was consumed.
+so that a converter can insist that every key of the file was consumed, and
+:func:`load_torch_variables` is the read -> convert -> jax arrays path every backbone's
+loader takes.
 """
 
 import collections
@@ -31,9 +33,11 @@ import os
 import pathlib
 import pickle
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
+import jax
+import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
@@ -49,6 +53,7 @@ __all__ = [
     "conv_kernel",
     "linear_kernel",
     "load_torch_state_dict",
+    "load_torch_variables",
     "shipped_weights_path",
 ]
 
@@ -435,41 +440,45 @@ def shipped_weights_path(name: str) -> pathlib.Path:
     )
 
 
+def _flax_kernel(
+    weight: np.ndarray, kind: str, torch_layout: str, axes: tuple[int, ...]
+) -> np.ndarray:
+    """``weight`` transposed by ``axes`` into a C-contiguous Flax kernel.
+
+    Args:
+      weight: A torch weight.
+      kind: What it is (``"conv"``, ``"linear"``), for the error message.
+      torch_layout: Its torch layout, e.g. ``"(out, in)"``, for the error message.
+      axes: The permutation to the Flax layout; its length is the rank ``weight`` must have.
+
+    Raises:
+      ValueError: ``weight`` does not have that rank.
+    """
+    if weight.ndim != len(axes):
+        raise ValueError(f"{kind} weight must be {torch_layout}, found shape {weight.shape}")
+    return np.ascontiguousarray(weight.transpose(axes))
+
+
 def conv_kernel(weight: np.ndarray) -> np.ndarray:
     """Torch conv weight ``(O, I/groups, kh, kw)`` -> Flax kernel ``(kh, kw, I/groups, O)``.
 
     The same transpose serves depthwise convolutions: torch ``(C, 1, kh, kw)`` with
-    ``groups=C`` becomes ``(kh, kw, 1, C)`` for Flax ``feature_group_count=C``.
-
-    Args:
-      weight: Rank-4 torch weight.
-
-    Returns:
-      The Flax kernel, C-contiguous.
+    ``groups=C`` becomes ``(kh, kw, 1, C)`` for Flax ``feature_group_count=C``. The result
+    is C-contiguous.
 
     Raises:
       ValueError: ``weight`` is not rank 4.
     """
-    if weight.ndim != 4:
-        raise ValueError(f"conv weight must be (O, I, kh, kw), found shape {weight.shape}")
-    return np.ascontiguousarray(weight.transpose(2, 3, 1, 0))
+    return _flax_kernel(weight, "conv", "(O, I, kh, kw)", (2, 3, 1, 0))
 
 
 def linear_kernel(weight: np.ndarray) -> np.ndarray:
-    """Torch linear weight ``(out, in)`` -> Flax ``Dense`` kernel ``(in, out)``.
-
-    Args:
-      weight: Rank-2 torch weight.
-
-    Returns:
-      The transposed kernel, C-contiguous.
+    """Torch linear weight ``(out, in)`` -> Flax ``Dense`` kernel ``(in, out)``, C-contiguous.
 
     Raises:
       ValueError: ``weight`` is not rank 2.
     """
-    if weight.ndim != 2:
-        raise ValueError(f"linear weight must be (out, in), found shape {weight.shape}")
-    return np.ascontiguousarray(weight.T)
+    return _flax_kernel(weight, "linear", "(out, in)", (1, 0))
 
 
 def batch_norm_variables(
@@ -548,6 +557,25 @@ class StateDictConsumer:
             *(self.take(f"{prefix}.{n}") for n in ("weight", "bias", "running_mean", "running_var"))
         )
 
+    def conv_bn(self, variables: dict, flax_path: Sequence[str], conv: str, bn: str) -> None:
+        """Puts a torch convolution and its BatchNorm into ``variables`` at ``flax_path``.
+
+        The layout is that of ``jaxretrieval.backbones.mobilenet_v2.ConvBN``: ``conv``
+        (no bias) and ``bn`` under ``variables["params"]``, the BatchNorm statistics under
+        ``variables["batch_stats"]``, nested dicts created as needed.
+
+        Args:
+          variables: ``{"params": ..., "batch_stats": ...}``, filled in place.
+          flax_path: Names of the nested modules, e.g. ``("block1", "expand")``.
+          conv: Torch prefix of the convolution, e.g. ``"features.1.conv.0.0"``.
+          bn: Torch prefix of the BatchNorm.
+        """
+        params, stats = variables["params"], variables["batch_stats"]
+        for part in flax_path:
+            params, stats = params.setdefault(part, {}), stats.setdefault(part, {})
+        params["conv"] = self.conv(conv)
+        params["bn"], stats["bn"] = self.batch_norm(bn)
+
     def skip(self, prefix: str) -> list[str]:
         """Marks every key starting with ``prefix`` as used (e.g. a head the model omits)."""
         skipped = [k for k in self._state_dict if k.startswith(prefix)]
@@ -564,3 +592,27 @@ class StateDictConsumer:
                 f"{self._source}: {len(unused)} unexpected key(s) not used by the model: "
                 f"{shown}{more}"
             )
+
+
+def load_torch_variables(
+    path: str | os.PathLike, convert: Callable[..., dict], **convert_kwargs: Any
+) -> dict:
+    """Reads a ``.pth`` state dict and converts it to Flax variables with jax array leaves.
+
+    Args:
+      path: The torch state dict.
+      convert: A converter ``(state_dict, *, source, **convert_kwargs) -> variables``, e.g.
+        :func:`~jaxretrieval.backbones.mobilenet_v2.convert_mobilenet_v2`; ``source`` is
+        the path, for its error messages.
+      **convert_kwargs: Passed on to ``convert``.
+
+    Returns:
+      What ``convert`` returns, its numpy leaves as jax arrays.
+
+    Raises:
+      FileNotFoundError, TorchFileError: As :func:`load_torch_state_dict`.
+      KeyError, ValueError: The converter's: the file does not match the architecture.
+    """
+    path = os.fspath(path)
+    variables = convert(load_torch_state_dict(path), source=path, **convert_kwargs)
+    return jax.tree.map(jnp.asarray, variables)
