@@ -81,11 +81,26 @@ class ModelConfig:
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> "ModelConfig":
         """Inverse of :meth:`to_json_dict`; unknown keys are an error (a newer format)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - fields
-        if unknown:
-            raise ValueError(f"unknown model fields {sorted(unknown)}; known: {sorted(fields)}.")
+        check_config_keys(cls, raw, kind="model")
         return cls(**{**raw, "scales": tuple(raw.get("scales", (1.0,)))})
+
+
+def check_config_keys(config_type: type, raw: dict[str, Any], *, kind: str) -> None:
+    """Raises ``ValueError`` if ``raw`` has keys that are not fields of the dataclass.
+
+    A saved config with unknown keys was written by a newer format; both
+    :meth:`ModelConfig.from_json_dict` and
+    :meth:`~jaxretrieval.local_features.model.DelfConfig.from_json_dict` refuse it.
+
+    Args:
+      config_type: The config dataclass.
+      raw: The JSON dict read.
+      kind: What the config describes (``"model"``, ``"DELF"``), for the message.
+    """
+    fields = {f.name for f in dataclasses.fields(config_type)}
+    unknown = set(raw) - fields
+    if unknown:
+        raise ValueError(f"unknown {kind} fields {sorted(unknown)}; known: {sorted(fields)}.")
 
 
 class RetrievalModel(nn.Module):
@@ -140,17 +155,7 @@ class RetrievalModel(nn.Module):
           ``pooled`` the L2-normalised pooling and ``descriptors`` the final output
           (``pooled`` whitened and re-normalised, or ``pooled`` itself).
         """
-        logits, features = self.backbone(images, train=train)
-        if self.feature_name not in features:
-            raise ValueError(
-                f"backbone has no feature map {self.feature_name!r}; it has {sorted(features)}."
-            )
-        feature_map = features[self.feature_name]  # (B, h, w, C)
-        valid = None
-        if image_sizes is not None:
-            valid = feature_mask(
-                image_sizes, feature_map.shape[1:3], feature_stride=self.feature_stride
-            )
+        logits, feature_map, valid = backbone_feature_map(self, images, image_sizes, train=train)
         if self.pooling == "gem" and self.learn_p:
             pooled = l2_normalize(layers.GeM(p_init=self.p, name="gem")(feature_map, valid))
         elif self.pooling == "darac":
@@ -174,6 +179,48 @@ class RetrievalModel(nn.Module):
             "pooled": pooled,
             "descriptors": descriptors,
         }
+
+
+def backbone_feature_map(
+    model: nn.Module,
+    images: Float[AnyArray, "B H W 3"],
+    image_sizes: Int[AnyArray, "B 2"] | None,
+    *,
+    train: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """Runs a model's backbone and returns ``(logits, feature map, valid)`` of its map.
+
+    What :class:`RetrievalModel` and
+    :class:`~jaxretrieval.local_features.model.DelfModel` both do first, from their
+    ``__call__``.
+
+    Args:
+      model: A module with the fields ``backbone`` (a backbone module returning
+        ``(logits, features)``), ``feature_name`` (the map to return) and
+        ``feature_stride`` (input pixels per cell of that map), as both models have.
+      images: Normalised images, NHWC, possibly zero-padded on the bottom and right.
+      image_sizes: Real ``(height, width)`` of each image, or None when they fill the
+        batch.
+      train: Training mode of the backbone.
+
+    Returns:
+      The backbone's first output, the map ``(B, h, w, C)``, and its :func:`feature_mask`
+      (None without ``image_sizes``).
+
+    Raises:
+      ValueError: The backbone has no map ``feature_name`` (the message lists its maps).
+    """
+    logits, features = model.backbone(images, train=train)
+    if model.feature_name not in features:
+        raise ValueError(
+            f"backbone has no feature map {model.feature_name!r}; it has {sorted(features)}."
+        )
+    feature_map = features[model.feature_name]  # (B, h, w, C)
+    valid = None
+    if image_sizes is not None:
+        shape = feature_map.shape[1:3]
+        valid = feature_mask(image_sizes, shape, feature_stride=model.feature_stride)
+    return logits, feature_map, valid
 
 
 def feature_mask(

@@ -120,10 +120,7 @@ class DelfConfig:
     @classmethod
     def from_json_dict(cls, raw: dict[str, Any]) -> "DelfConfig":
         """Inverse of :meth:`to_json_dict`; unknown keys are an error (a newer format)."""
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(raw) - fields
-        if unknown:
-            raise ValueError(f"unknown DELF fields {sorted(unknown)}; known: {sorted(fields)}.")
+        retrieval_model.check_config_keys(cls, raw, kind="DELF")
         return cls(**raw)
 
 
@@ -173,17 +170,9 @@ class DelfModel(nn.Module):
           (None without sizes), ``scores`` the attention score of each cell, and the two
           classifiers' logits.
         """
-        _, maps = self.backbone(images, train=train)
-        if self.feature_name not in maps:
-            raise ValueError(
-                f"backbone has no feature map {self.feature_name!r}; it has {sorted(maps)}."
-            )
-        features = maps[self.feature_name]  # (B, h, w, C)
-        valid = None
-        if image_sizes is not None:
-            valid = retrieval_model.feature_mask(
-                image_sizes, features.shape[1:3], feature_stride=self.feature_stride
-            )
+        _, features, valid = retrieval_model.backbone_feature_map(
+            self, images, image_sizes, train=train
+        )
         mean = pooling.spoc(features, valid)  # (B, C)
         descriptor_logits = nn.Dense(self.num_classes, name="descriptor_classifier")(mean)
         attended, scores = layers.AttentionPooling(self.attention_hidden, name="attention")(
