@@ -1,5 +1,4 @@
 import hashlib
-import os
 import pickle
 import sys
 
@@ -248,25 +247,20 @@ def test_load_vgg16_shipped_errors(monkeypatch):
         vgg.load_vgg16()
 
 
-class _Payload:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
 def test_load_lpips_vgg16_refuses_code_without_running_it(tmp_path):
     marker = tmp_path / "pwned"
-    checkpoint = {"VGG16_0": {"Conv_0": {"kernel": _Payload(f"touch {marker}")}}}
+    payload = torch_files.Payload("os", "system", f"touch {marker}")
+    # The payload is live: an ordinary unpickler runs it.
+    data, _ = torch_files._dump({"VGG16_0": {"Conv_0": {"kernel": payload}}}, legacy=False)
+    pickle.loads(data)
+    assert marker.exists()
+    marker.unlink()
+
     path = tmp_path / "evil.ckpt"
-    path.write_bytes(pickle.dumps(checkpoint, protocol=3))
-    with pytest.raises(safe_pickle.UnsafePickleError, match=r"evil\.ckpt.*(os|posix)\.system"):
+    path.write_bytes(data)
+    with pytest.raises(safe_pickle.UnsafePickleError, match=r"evil\.ckpt.*os\.system"):
         vgg.load_lpips_vgg16(path)
     assert not marker.exists()
-    if sys.platform != "win32":  # control: the payload is live for an ordinary unpickler
-        pickle.loads(path.read_bytes())
-        assert marker.exists()
 
 
 def _fake_checkpoint():
