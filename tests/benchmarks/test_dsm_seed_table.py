@@ -105,20 +105,19 @@ SETTINGS = {
 def test_dsm_rankings_equal_rerank_lib(name):
     settings = SETTINGS[name]
     extractor, descriptors, paths = _synthetic_set()
-    threshold = settings.dsm_threshold_cells * extractor.feature_stride
-    num_scales = len(extractor.scales)
+    # What both protocols pass: to the table's verification, and to rerank_lib.
+    verify_kwargs = dict(
+        settings=settings,
+        error_threshold=settings.dsm_threshold_cells * extractor.feature_stride,
+        num_scales=len(extractor.scales),
+    )
+    rerank_kwargs = dict(settings=settings, dsm_extractor=extractor)
     # Split: the first 3 images query the other 9.
     queries, database = descriptors[:3], descriptors[3:]
     query_features = stack_local_features([extractor.features[i][0] for i in range(3)])
     database_features = stack_local_features([extractor.features[i][1] for i in range(3, 12)])
     verified = dsm_seed_table.verify(
-        queries,
-        database,
-        query_features,
-        database_features,
-        settings=settings,
-        error_threshold=threshold,
-        num_scales=num_scales,
+        queries, database, query_features, database_features, **verify_kwargs
     )
     ours = dsm_seed_table.dsm_rankings(verified, queries, database, settings=settings)
     for method in ("dsm", "dsm+diffusion"):
@@ -126,10 +125,9 @@ def test_dsm_rankings_equal_rerank_lib(name):
             method,
             queries,
             database,
-            settings=settings,
             query_paths=paths[:3],
             database_paths=paths[3:],
-            dsm_extractor=extractor,
+            **rerank_kwargs,
         )
         np.testing.assert_array_equal(ours[method], expected, err_msg=method)
     assert (verified.inliers > 0).any() and (verified.distinct <= verified.inliers).all()
@@ -139,10 +137,8 @@ def test_dsm_rankings_equal_rerank_lib(name):
         descriptors,
         stack_local_features([extractor.features[i][0] for i in range(12)]),
         stack_local_features([extractor.features[i][1] for i in range(12)]),
-        settings=settings,
-        error_threshold=threshold,
-        num_scales=num_scales,
         exclude=np.arange(12),
+        **verify_kwargs,
     )
     assert not (
         verified.global_ranks[:, : verified.inliers.shape[1]] == np.arange(12)[:, None]
@@ -152,7 +148,7 @@ def test_dsm_rankings_equal_rerank_lib(name):
     )
     for method in ("dsm", "dsm+diffusion"):
         expected = rerank_lib.rerank_leave_one_out(
-            method, descriptors, settings=settings, paths=paths, dsm_extractor=extractor
+            method, descriptors, paths=paths, **rerank_kwargs
         )
         np.testing.assert_array_equal(ours[method], expected, err_msg=method)
 
@@ -214,15 +210,6 @@ def test_table_rows_and_variants():
         )
         == variants["ours"]
     )
-
-
-def test_reorder_shortlist_keeps_unverified_in_global_order():
-    ranks = np.array([[4, 2, 0, 1, 3]])
-    scores = np.array([[0.1, 0.2, 0.8, 0.0, 0.9]], np.float32)
-    reranking = dsm_seed_table.reorder_shortlist(ranks, scores, np.array([[3, 9, 3, 1]]), 2)
-    # 2 (9 inliers) first; 4 and 0 tie at 3: global score 0.9 before 0.1; 1 unverified.
-    np.testing.assert_array_equal(reranking.ranks, [[2, 4, 0, 1, 3]])
-    np.testing.assert_array_equal(reranking.shortlist_inliers, [[9, 3, 3, 1]])
 
 
 class FakeView:
