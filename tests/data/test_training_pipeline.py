@@ -58,6 +58,21 @@ def some_tuples(data, num_tuples=6, num_negatives=2, seed=0):
     )
 
 
+def augmented_tuples(data, *, num_tuples, num_negatives):
+    """:func:`some_tuples` of ``data`` and their dataset: SIZE px, MEAN and STD, seed 0, epoch 0."""
+    tuples = some_tuples(data, num_tuples=num_tuples, num_negatives=num_negatives)
+    dataset = training_pipeline.tuple_dataset(
+        data,
+        tuples,
+        augmentation=Augmentation(image_size=SIZE),
+        mean=MEAN,
+        std=STD,
+        seed=0,
+        epoch=0,
+    )
+    return tuples, dataset
+
+
 def assert_elements_equal(first, second):
     assert first.keys() == second.keys()
     for key in first:
@@ -169,11 +184,7 @@ def test_color_jitter_changes_brightness_within_bounds(tmp_path):
 
 
 def test_tuple_dataset_shapes_dtypes_and_padding(tiny_set):
-    tuples = some_tuples(tiny_set, num_tuples=6, num_negatives=2)
-    dataset = training_pipeline.tuple_dataset(
-        tiny_set, tuples, augmentation=Augmentation(image_size=SIZE), mean=MEAN, std=STD,
-        seed=0, epoch=0,
-    )  # fmt: skip
+    tuples, dataset = augmented_tuples(tiny_set, num_tuples=6, num_negatives=2)
     assert len(dataset) == 6
     for i in range(len(dataset)):
         element = dataset[i]
@@ -205,11 +216,7 @@ def test_tuple_dataset_deterministic_and_resumable(tiny_set):
 
 
 def test_batches_match_elements_and_resume(tiny_set):
-    tuples = some_tuples(tiny_set, num_tuples=7, num_negatives=1)
-    dataset = training_pipeline.tuple_dataset(
-        tiny_set, tuples, augmentation=Augmentation(image_size=SIZE), mean=MEAN, std=STD,
-        seed=0, epoch=0,
-    )  # fmt: skip
+    tuples, dataset = augmented_tuples(tiny_set, num_tuples=7, num_negatives=1)
     threaded = list(training_pipeline.batches(dataset, batch_size=2, num_threads=2))
     assert len(threaded) == 3  # 7 // 2: the last partial batch is dropped
     first = threaded[0]
