@@ -35,6 +35,38 @@ def shared_data() -> pathlib.Path:
     return SHARED_DATA
 
 
+class _SystemCall:
+    """What a malicious pickle holds: ``os.system(command)``, run when it is unpickled."""
+
+    def __init__(self, command: str):
+        self.command = command
+
+    def __reduce__(self):
+        return (os.system, (self.command,))
+
+
+@pytest.fixture
+def malicious_payload(tmp_path) -> tuple[object, pathlib.Path]:
+    """``(payload, marker)``: an object that pickles to ``os.system("touch <marker>")``.
+
+    A test pickles it into a file and checks that the loader refuses the file and that
+    ``marker`` does not exist; an ordinary unpickler creates it (the control).
+    """
+    marker = tmp_path / "pwned"
+    return _SystemCall(f"touch {marker}"), marker
+
+
+@pytest.fixture
+def standard_dtype_promotion():
+    """JAX's standard dtype promotion for one test, instead of the strict one.
+
+    For tests that run optax's Adam, which computes ``decay ** count`` (a Python float to
+    an int32 power): strict promotion refuses it.
+    """
+    with jax.numpy_dtype_promotion("standard"):
+        yield
+
+
 @pytest.fixture
 def without_annotation_checks():
     """Turns off jaxtyping's runtime shape checks for one test.

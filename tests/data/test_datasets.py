@@ -1,6 +1,5 @@
 import collections
 import csv
-import os
 import pickle
 import sys
 
@@ -264,18 +263,10 @@ def test_load_dataset_folder_errors(tmp_path):
 # ---------------------------------------------------------------------- ground-truth validation
 
 
-class _Payload:
-    def __init__(self, command):
-        self.command = command
-
-    def __reduce__(self):
-        return (os.system, (self.command,))
-
-
-def test_load_ground_truth_refuses_malicious_pickle(tmp_path):
-    marker = tmp_path / "pwned"
+def test_load_ground_truth_refuses_malicious_pickle(tmp_path, malicious_payload):
+    payload, marker = malicious_payload
     gnd = tiny_gnd()
-    gnd["gnd"][0]["easy"] = _Payload(f"touch {marker}")
+    gnd["gnd"][0]["easy"] = payload
     path = write_pickle(tmp_path / "gnd_evil.pkl", gnd)
     with pytest.raises(safe_pickle.UnsafePickleError, match="os.system|posix.system"):
         datasets.load_ground_truth(path)

@@ -12,12 +12,8 @@ from jaxretrieval import model_io, retrieval_model
 REPO = pathlib.Path(__file__).resolve().parents[2]
 DARAC = str(REPO / "experiments" / "configs" / "darac_mobilenet_v2.py")
 
-
-@pytest.fixture(autouse=True)
-def standard_dtype_promotion():
-    """optax's Adam computes ``decay ** count`` (float ** int32), refused by strict mode."""
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+# optax's Adam computes ``decay ** count`` (float ** int32), refused by strict mode.
+pytestmark = pytest.mark.usefixtures("standard_dtype_promotion")
 
 
 def test_darac_nra_smoke_run_trains_only_the_region_weights(shared_data, tmp_path):

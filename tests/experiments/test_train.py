@@ -18,12 +18,8 @@ from jaxretrieval import model_io
 REPO = pathlib.Path(__file__).resolve().parents[2]
 SMOKE = str(REPO / "experiments" / "configs" / "smoke.py")
 
-
-@pytest.fixture(autouse=True)
-def standard_dtype_promotion():
-    """optax's Adam computes ``decay ** count`` (float ** int32), refused by strict mode."""
-    with jax.numpy_dtype_promotion("standard"):
-        yield
+# optax's Adam computes ``decay ** count`` (float ** int32), refused by strict mode.
+pytestmark = pytest.mark.usefixtures("standard_dtype_promotion")
 
 
 def _config(**overrides):
