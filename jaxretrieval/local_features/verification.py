@@ -33,7 +33,7 @@ from jaxretrieval.local_features.matching import (
     Correspondences,
     mutual_nearest_neighbors,
 )
-from jaxretrieval.spatial_verification.dsm import Reranking
+from jaxretrieval.spatial_verification.dsm import Reranking, rerank_by_inliers
 from jaxretrieval.spatial_verification.ransac import VerificationResult, best_affine_hypothesis
 
 __all__ = [
@@ -365,10 +365,11 @@ def rerank_shortlist(
 ) -> Reranking:
     """Re-orders each query's global top-L by DELF inlier counts.
 
-    The rule is DSM's (:func:`jaxretrieval.spatial_verification.rerank_shortlist`):
-    within the top ``shortlist_size``, images with at least ``min_inliers`` inliers come
-    first by decreasing inliers, ties by decreasing global similarity; the others follow
-    in global order; the rest of the ranking is unchanged. Query ``q`` of this call
+    The rule is DSM's, applied by the same function
+    (:func:`jaxretrieval.spatial_verification.dsm.rerank_by_inliers`): within the top
+    ``shortlist_size``, images with at least ``min_inliers`` inliers come first by
+    decreasing inliers, ties by decreasing global similarity; the others follow in global
+    order; the rest of the ranking is unchanged. Query ``q`` of this call
     verifies with the key ``fold_in(key, q)`` (then per image, see
     :func:`verify_shortlist`); a caller running one query per call passes
     ``fold_in(key, q)`` itself to get the same result.
@@ -393,43 +394,24 @@ def rerank_shortlist(
       Noh, Araujo, Sim, Weyand, Han. Large-scale image retrieval with attentive deep
       local features. ICCV 2017.
     """
-    global_ranks = validation.as_int_array("global_ranks", global_ranks, axes="Q N")
-    global_scores = validation.as_float_array("global_scores", global_scores, axes="Q N")
-    num_queries, num_ranked = global_ranks.shape
-    if shortlist_size < 1:
-        raise ValueError(f"shortlist_size must be >= 1, got {shortlist_size}.")
-    num_database = validation.check_shape(
-        "database_features.locations", database_features.locations, "N M 2"
-    )[0]
-    num_query_features = validation.check_shape(
-        "query_features.locations", query_features.locations, "Q M 2"
-    )[0]
-    if num_query_features != num_queries:
-        raise ValueError(
-            f"query_features has {num_query_features} queries but global_ranks has {num_queries}."
-        )
-    if global_scores.shape != (num_queries, num_database):
-        raise ValueError(
-            f"global_scores must be (Q, N) = {(num_queries, num_database)}, "
-            f"found {global_scores.shape}."
-        )
-    size = min(shortlist_size, num_ranked)
-    shortlist = global_ranks[:, :size]  # (Q, L)
-    candidates = jax.tree.map(lambda x: jnp.asarray(x)[shortlist], database_features)  # (Q, L, ...)
 
-    def per_query(query, database, ids, query_index):
+    def count_inliers(query, shortlist_features, shortlist_ids, query_index):
         result, _ = verify_shortlist(
-            query, database, ids, key=jax.random.fold_in(key, query_index), **kwargs
+            query,
+            shortlist_features,
+            shortlist_ids,
+            key=jax.random.fold_in(key, query_index),
+            **kwargs,
         )
         return result.num_inliers
 
-    inliers = jax.vmap(per_query)(
-        query_features, candidates, shortlist, jnp.arange(num_queries)
-    )  # (Q, L)
-    verified = jnp.where(inliers >= min_inliers, inliers, 0)  # (Q, L)
-    scores = jnp.take_along_axis(global_scores, shortlist, axis=1)  # (Q, L)
-    # lexsort: the last key is primary. Stable, so full ties keep the global order.
-    order = jax.vmap(lambda v, s: jnp.lexsort((-s, -v)))(verified, scores)  # (Q, L)
-    reordered = jnp.take_along_axis(shortlist, order, axis=1)  # (Q, L)
-    ranks = jnp.concatenate([reordered, global_ranks[:, size:]], axis=1)
-    return Reranking(ranks=ranks, shortlist_inliers=jnp.take_along_axis(inliers, order, axis=1))
+    return rerank_by_inliers(
+        global_ranks,
+        global_scores,
+        query_features,
+        database_features,
+        count_inliers,
+        shortlist_size=shortlist_size,
+        min_inliers=min_inliers,
+        points="locations",
+    )

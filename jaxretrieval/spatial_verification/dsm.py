@@ -3,11 +3,13 @@
 :func:`verify_pair` verifies one image pair (tentative same-channel correspondences, then
 :func:`~jaxretrieval.spatial_verification.ransac.ransac_affine`); :func:`verify_shortlist`
 vmaps it over a shortlist; :func:`rerank_shortlist` verifies each query's global top-L and
-re-orders it by inliers; :func:`dsm_diffusion_seeds` turns the verified images into
-diffusion seeds. Nothing is jitted inside: callers jit, with the shape arguments static.
+re-orders it by inliers (by :func:`rerank_by_inliers`, which DELF re-ranking shares);
+:func:`dsm_diffusion_seeds` turns the verified images into diffusion seeds. Nothing is
+jitted inside: callers jit, with the shape arguments static.
 """
 
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -168,27 +170,15 @@ def distinct_inliers(
 
 
 def verify_shortlist(
-    query_features: LocalFeatures,
-    shortlist_features: LocalFeatures,
-    *,
-    max_correspondences: int = 512,
-    error_threshold: Scalar = 64.0,
-    max_scale_change: Scalar = 3.0,
-    refinement_steps: int = 3,
-    max_hypotheses: int | None = None,
-    num_scales: int | None = None,
+    query_features: LocalFeatures, shortlist_features: LocalFeatures, **options
 ) -> tuple[VerificationResult, Correspondences]:
     """:func:`verify_pair` of one query against L images at once (``jax.vmap``).
 
     Args:
       query_features: One image's features, leading axis M.
       shortlist_features: Features with a leading L axis: ``means`` is (L, M, 2).
-      max_correspondences: See :func:`verify_pair`.
-      error_threshold: See :func:`verify_pair`.
-      max_scale_change: See :func:`verify_pair`.
-      refinement_steps: See :func:`verify_pair`.
-      max_hypotheses: See :func:`verify_pair`.
-      num_scales: See :func:`verify_pair`.
+      **options: The keyword arguments of :func:`verify_pair` (correspondences, RANSAC,
+        ``num_scales``), with its defaults.
 
     Returns:
       :func:`verify_pair`'s outputs with a leading L axis.
@@ -199,16 +189,7 @@ def verify_shortlist(
     validation.check_shape("shortlist_features.means", shortlist_features.means, "L M 2")
 
     def one(features_b):
-        return verify_pair(
-            query_features,
-            features_b,
-            max_correspondences=max_correspondences,
-            error_threshold=error_threshold,
-            max_scale_change=max_scale_change,
-            refinement_steps=refinement_steps,
-            max_hypotheses=max_hypotheses,
-            num_scales=num_scales,
-        )
+        return verify_pair(query_features, features_b, **options)
 
     return jax.vmap(one)(shortlist_features)
 
@@ -235,13 +216,8 @@ def rerank_shortlist(
     *,
     shortlist_size: int = 100,
     min_inliers: int = 5,
-    max_correspondences: int = 512,
-    error_threshold: Scalar = 64.0,
-    max_scale_change: Scalar = 3.0,
-    refinement_steps: int = 3,
-    max_hypotheses: int | None = None,
     count_distinct: bool = False,
-    num_scales: int | None = None,
+    **options,
 ) -> Reranking:
     """Re-orders each query's global top-L by DSM inlier counts.
 
@@ -261,14 +237,10 @@ def rerank_shortlist(
       database_features: Features with a leading N axis (``means`` (N, M, 2)).
       shortlist_size: L (static), clipped to the number of ranked images.
       min_inliers: Smallest inlier count that counts as verified (static or traced).
-      max_correspondences: See :func:`verify_pair`.
-      error_threshold: See :func:`verify_pair`.
-      max_scale_change: See :func:`verify_pair`.
-      refinement_steps: See :func:`verify_pair`.
-      max_hypotheses: See :func:`verify_pair`.
       count_distinct: Rank by :func:`distinct_inliers` (each feature counted once) instead
         of the number of inlier correspondences (static).
-      num_scales: See :func:`verify_pair`.
+      **options: The keyword arguments of :func:`verify_pair` (correspondences, RANSAC,
+        ``num_scales``), with its defaults.
 
     Returns:
       A :class:`Reranking`.
@@ -280,16 +252,77 @@ def rerank_shortlist(
       Simeoni, Avrithis, Chum. Local features and visual words emerge in activations.
       CVPR 2019.
     """
+
+    def count_inliers(query, shortlist_features, shortlist_ids, query_index):
+        result, matches = verify_shortlist(query, shortlist_features, **options)
+        if not count_distinct:
+            return result.num_inliers
+        num_a, num_b = jnp.shape(query.means)[0], jnp.shape(shortlist_features.means)[1]
+        return jax.vmap(
+            lambda r, m: distinct_inliers(r, m, num_features_a=num_a, num_features_b=num_b)
+        )(result, matches)
+
+    return rerank_by_inliers(
+        global_ranks,
+        global_scores,
+        query_features,
+        database_features,
+        count_inliers,
+        shortlist_size=shortlist_size,
+        min_inliers=min_inliers,
+    )
+
+
+def rerank_by_inliers(
+    global_ranks: Int[AnyArray, "Q N"],
+    global_scores: Float[AnyArray, "Q N"],
+    query_features: Any,
+    database_features: Any,
+    count_inliers: Callable[[Any, Any, Int[Array, " L"], Int[Array, ""]], Int[Array, " L"]],
+    *,
+    shortlist_size: int,
+    min_inliers: int,
+    points: str = "means",
+) -> Reranking:
+    """Verifies each query's global top-L with ``count_inliers`` and re-orders it by inliers.
+
+    The re-ranking rule of every spatial verifier here, whatever its features (DSM's
+    :func:`rerank_shortlist` and DELF's
+    :func:`jaxretrieval.local_features.rerank_shortlist`): within the top
+    ``shortlist_size`` of the global ranking, images with at least ``min_inliers``
+    inliers come first by decreasing inliers, ties by decreasing global similarity (then
+    by global rank); the others follow in global order; the rest of the ranking is
+    unchanged.
+
+    Args:
+      global_ranks: Database indices of each query, best first.
+      global_scores: ``global_scores[q, n]``: global similarity, indexed by database id.
+      query_features: A features NamedTuple with a leading Q axis.
+      database_features: The same kind of features with a leading N axis.
+      count_inliers: ``count_inliers(query, shortlist, shortlist_ids, query_index)``: the
+        (L,) inlier counts of one query's features against its L shortlisted images'
+        (leading L axis), given their database ids and the query's index in this call;
+        vmapped over the queries.
+      shortlist_size: L (static), clipped to the number of ranked images.
+      min_inliers: Smallest inlier count that counts as verified (static or traced).
+      points: The features' field of (M, 2) point coordinates, used to check the shapes.
+
+    Returns:
+      A :class:`Reranking`.
+
+    Raises:
+      ValueError: On inconsistent shapes or ``shortlist_size < 1``.
+    """
     global_ranks = validation.as_int_array("global_ranks", global_ranks, axes="Q N")
     global_scores = validation.as_float_array("global_scores", global_scores, axes="Q N")
     num_queries, num_ranked = global_ranks.shape
     if shortlist_size < 1:
         raise ValueError(f"shortlist_size must be >= 1, got {shortlist_size}.")
     num_database = validation.check_shape(
-        "database_features.means", database_features.means, "N M 2"
+        f"database_features.{points}", getattr(database_features, points), "N M 2"
     )[0]
     num_query_features = validation.check_shape(
-        "query_features.means", query_features.means, "Q M 2"
+        f"query_features.{points}", getattr(query_features, points), "Q M 2"
     )[0]
     if num_query_features != num_queries:
         raise ValueError(
@@ -303,26 +336,32 @@ def rerank_shortlist(
     size = min(shortlist_size, num_ranked)
     shortlist = global_ranks[:, :size]  # (Q, L)
     candidates = jax.tree.map(lambda x: jnp.asarray(x)[shortlist], database_features)  # (Q, L, ...)
+    inliers = jax.vmap(count_inliers)(
+        query_features, candidates, shortlist, jnp.arange(num_queries)
+    )  # (Q, L)
+    return reorder_by_inliers(global_ranks, global_scores, inliers, min_inliers=min_inliers)
 
-    def per_query(query, database):
-        result, matches = verify_shortlist(
-            query,
-            database,
-            max_correspondences=max_correspondences,
-            error_threshold=error_threshold,
-            max_scale_change=max_scale_change,
-            refinement_steps=refinement_steps,
-            max_hypotheses=max_hypotheses,
-            num_scales=num_scales,
-        )
-        if not count_distinct:
-            return result.num_inliers
-        num_a, num_b = jnp.shape(query.means)[0], jnp.shape(database.means)[1]
-        return jax.vmap(
-            lambda r, m: distinct_inliers(r, m, num_features_a=num_a, num_features_b=num_b)
-        )(result, matches)
 
-    inliers = jax.vmap(per_query)(query_features, candidates)  # (Q, L)
+def reorder_by_inliers(
+    global_ranks: Int[AnyArray, "Q N"],
+    global_scores: Float[AnyArray, "Q N"],
+    inliers: Int[AnyArray, "Q L"],
+    *,
+    min_inliers: int,
+) -> Reranking:
+    """The re-ranking rule of :func:`rerank_by_inliers`, given the shortlist's inliers.
+
+    Args:
+      global_ranks: Database indices of each query, best first.
+      global_scores: ``global_scores[q, n]``: global similarity, indexed by database id.
+      inliers: Inlier count of each image of the shortlist ``global_ranks[:, :L]``.
+      min_inliers: Smallest inlier count that counts as verified (static or traced).
+
+    Returns:
+      A :class:`Reranking`.
+    """
+    size = jnp.shape(inliers)[1]
+    shortlist = global_ranks[:, :size]  # (Q, L)
     verified = jnp.where(inliers >= min_inliers, inliers, 0)  # (Q, L)
     scores = jnp.take_along_axis(global_scores, shortlist, axis=1)  # (Q, L)
     # lexsort: the last key is primary. Stable, so full ties keep the global order.

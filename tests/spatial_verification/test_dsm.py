@@ -104,6 +104,15 @@ def test_rerank_shortlist_known_order():
     assert np.all(np.asarray(result.shortlist_inliers[0, 1:]) < 5)
 
 
+def test_reorder_by_inliers_keeps_unverified_in_global_order():
+    ranks = np.array([[4, 2, 0, 1, 3]])
+    scores = np.array([[0.1, 0.2, 0.8, 0.0, 0.9]], np.float32)
+    reranking = dsm.reorder_by_inliers(ranks, scores, np.array([[3, 9, 3, 1]]), min_inliers=2)
+    # 2 (9 inliers) first; 4 and 0 tie at 3: global score 0.9 before 0.1; 1 unverified.
+    np.testing.assert_array_equal(reranking.ranks, [[2, 4, 0, 1, 3]])
+    np.testing.assert_array_equal(reranking.shortlist_inliers, [[9, 3, 3, 1]])
+
+
 def test_rerank_shortlist_ties_broken_by_global_score():
     rng = np.random.default_rng(5)
     query, match, _ = synthetic_pair(rng, num_features=16, num_inliers=10, num_channels=4)
