@@ -42,6 +42,7 @@ from jaxretrieval.data import images as image_io
 from jaxretrieval.extraction import Box
 from jaxretrieval.spatial_verification import (
     DSMFeatureExtractor,
+    DSMSettings,
     LocalFeatures,
     Reranking,
     dsm_diffusion_seeds,
@@ -109,31 +110,49 @@ class RerankSettings:
     cam_box_classes: int = 3
     cam_max_side: int | None = None
 
+    def diffusion_options(self) -> dict:
+        """Keyword arguments of :func:`diffusion_ranks` but its data and ``exclude``."""
+        return dict(
+            graph_k=self.graph_k,
+            num_seeds=self.num_seeds,
+            alpha=self.diffusion_alpha,
+            gamma=self.gamma,
+        )
+
+    def with_dsm(self, dsm: DSMSettings) -> "RerankSettings":
+        """These settings with the ``dsm_*`` re-ranking choices of ``dsm``.
+
+        The choices of its features (scales, MSER, per-role selection) belong to the
+        :class:`~jaxretrieval.spatial_verification.DSMFeatureExtractor`; its RANSAC scale
+        limit and refinement rounds are ``rerank_shortlist``'s defaults.
+        """
+        return dataclasses.replace(
+            self,
+            dsm_max_side=dsm.max_side,
+            dsm_threshold_cells=dsm.threshold_cells,
+            dsm_min_inliers=dsm.min_inliers,
+            dsm_shortlist=dsm.shortlist_size,
+            dsm_max_correspondences=dsm.max_correspondences,
+            dsm_separate_scales=dsm.separate_scales,
+            dsm_num_seeds=dsm.num_seeds,
+            dsm_seed_candidates=dsm.seed_candidates,
+            dsm_seeds_weighted_by_similarity=dsm.seeds_weighted_by_similarity,
+        )
+
 
 def dsm_published_settings() -> RerankSettings:
     """The re-ranking parameters of the DSM authors' code (osimeoni/DSM, test_dsm.m).
 
-    DSM: 1024 px, threshold 2 cells, top 100 verified and stably sorted by inliers (no
-    minimum), at most 512 correspondences per scale pair, scales verified pair by pair.
-    DSM+D: seeds among the top 10 re-ranked images, weighted by inliers/max times the
-    global similarity, the first 4 kept (``y(id(kq:end)) = 0`` with kq = 5); diffusion
-    (run_diffusion.m): graph k = 50, 5 seeds for plain diffusion, alpha 0.99, gamma 3.
+    DSM and DSM+D are :meth:`DSMSettings.published
+    <jaxretrieval.spatial_verification.DSMSettings.published>` (1024 px, threshold 2
+    cells, top 100 verified and stably sorted by inliers with no minimum, at most 512
+    correspondences per scale pair, scale pairs verified apart; seeds among the top 10
+    re-ranked images, weighted by inliers/max times the global similarity, the first 4
+    kept). Diffusion (run_diffusion.m): graph k = 50, 5 seeds for plain diffusion, alpha
+    0.99, gamma 3.
     """
-    return RerankSettings(
-        graph_k=50,
-        num_seeds=5,
-        diffusion_alpha=0.99,
-        gamma=3.0,
-        dsm_max_side=1024,
-        dsm_threshold_cells=2.0,
-        dsm_min_inliers=0,
-        dsm_shortlist=100,
-        dsm_max_correspondences=512,
-        dsm_separate_scales=True,
-        dsm_num_seeds=4,
-        dsm_seed_candidates=10,
-        dsm_seeds_weighted_by_similarity=True,
-    )
+    diffusion = RerankSettings(graph_k=50, num_seeds=5, diffusion_alpha=0.99, gamma=3.0)
+    return diffusion.with_dsm(DSMSettings.published())
 
 
 def ranks_of(scores: np.ndarray) -> np.ndarray:
@@ -166,6 +185,47 @@ def _without_excluded(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndar
     if exclude is not None:
         scores[np.arange(len(scores)), exclude] = -np.inf
     return scores
+
+
+def global_shortlist(
+    scores: np.ndarray, exclude: np.ndarray | None, shortlist_size: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """What a shortlist re-ranking starts from: the global order and the shortlist size.
+
+    Args:
+      scores: (Q, N) global similarities.
+      exclude: (Q,) database index of each query itself (leave-one-out), or None.
+      shortlist_size: Images verified per query; None: every image but the excluded one.
+
+    Returns:
+      ``(global_ranks, finite_scores, size)``: the (Q, N) int32 ranking with each excluded
+      image last, the (Q, N) float32 similarities with the excluded ones at -2 (finite,
+      for ordering), and the shortlist size clipped to the images that can be on it.
+    """
+    num_queries, num_database = np.shape(scores)
+    exclude = _check_exclude(exclude, num_queries, num_database)
+    scores = _without_excluded(scores, exclude)
+    global_ranks = ranks_of(scores).astype(np.int32)
+    candidates = num_database - (exclude is not None)
+    size = candidates if shortlist_size is None else min(shortlist_size, candidates)
+    return global_ranks, np.where(np.isfinite(scores), scores, -2.0), size
+
+
+def pair_counts(ranks: np.ndarray, counts: np.ndarray, num_database: int) -> np.ndarray:
+    """(Q, N) counts in database order from counts of ``ranks[:, :L]``; -1 where not verified."""
+    out = np.full((len(ranks), num_database), -1, np.int64)
+    rows = np.arange(len(ranks))[:, None]
+    out[rows, ranks[:, : counts.shape[1]]] = counts
+    return out
+
+
+def _stacked(results: Sequence[Reranking], num_database: int) -> tuple[Reranking, np.ndarray]:
+    """One-query re-rankings as one :class:`Reranking`, and their (Q, N) pair inliers."""
+    reranking = Reranking(
+        np.concatenate([np.asarray(r.ranks) for r in results]),
+        np.concatenate([np.asarray(r.shortlist_inliers) for r in results]),
+    )
+    return reranking, pair_counts(reranking.ranks, reranking.shortlist_inliers, num_database)
 
 
 @functools.cache
@@ -336,33 +396,44 @@ def dsm_rerank(
       The :class:`Reranking` and the (Q, N) inlier count of every verified pair (database
       order; -1 where not verified).
     """
-    num_queries, num_database = np.shape(scores)
-    exclude = _check_exclude(exclude, num_queries, num_database)
-    scores = _without_excluded(scores, exclude)
-    global_ranks = ranks_of(scores).astype(np.int32)
-    candidates = num_database - (exclude is not None)
-    shortlist_size = candidates if shortlist_size is None else min(shortlist_size, candidates)
-    rerank = _jitted_rerank(
-        shortlist_size, count_distinct, max_correspondences, min_inliers, num_scales
-    )
-    finite_scores = np.where(np.isfinite(scores), scores, -2.0)
-    ranks, inliers_sorted = [], []
-    for q in range(num_queries):
-        one = jax.tree.map(lambda x, q=q: x[q : q + 1], query_features)
-        result = rerank(
+    global_ranks, finite_scores, size = global_shortlist(scores, exclude, shortlist_size)
+    rerank = _jitted_rerank(size, count_distinct, max_correspondences, min_inliers, num_scales)
+    results = [
+        rerank(
             global_ranks[q : q + 1],
             finite_scores[q : q + 1],
-            one,
+            jax.tree.map(lambda x, q=q: x[q : q + 1], query_features),
             database_features,
             error_threshold=error_threshold,
         )
-        ranks.append(np.asarray(result.ranks))
-        inliers_sorted.append(np.asarray(result.shortlist_inliers))
-    reranking = Reranking(np.concatenate(ranks), np.concatenate(inliers_sorted))
-    pair_inliers = np.full((num_queries, num_database), -1, np.int64)
-    rows = np.arange(num_queries)[:, None]
-    pair_inliers[rows, reranking.ranks[:, :shortlist_size]] = reranking.shortlist_inliers
-    return reranking, pair_inliers
+        for q in range(len(global_ranks))
+    ]
+    return _stacked(results, global_ranks.shape[1])
+
+
+def dsm_seeds(
+    reranking: Reranking, queries: np.ndarray, database: np.ndarray, settings: RerankSettings
+) -> np.ndarray:
+    """(Q, N) seeds of DSM-seeded diffusion from a DSM re-ranking, with the settings' values.
+
+    Its ``dsm_num_seeds`` (or ``num_seeds``) best verified images, chosen among the first
+    ``dsm_seed_candidates``, weighted by inliers (times the global similarity when
+    ``dsm_seeds_weighted_by_similarity``); see
+    :func:`~jaxretrieval.spatial_verification.dsm_diffusion_seeds`.
+    """
+    seeds = dsm_diffusion_seeds(
+        reranking,
+        num_database=len(database),
+        num_seeds=settings.dsm_num_seeds or settings.num_seeds,
+        min_inliers=settings.dsm_min_inliers,
+        num_candidates=settings.dsm_seed_candidates,
+        global_scores=(
+            np.asarray(similarity.cosine_similarities(queries, database))
+            if settings.dsm_seeds_weighted_by_similarity
+            else None
+        ),
+    )
+    return np.asarray(seeds)
 
 
 def local_features(
@@ -461,13 +532,7 @@ def _rerank(
         return query_expansion_ranks(
             method, queries, database, k=settings.qe_k, alpha=settings.qe_alpha, exclude=exclude
         )
-    diffusion_kwargs = dict(
-        graph_k=settings.graph_k,
-        num_seeds=settings.num_seeds,
-        alpha=settings.diffusion_alpha,
-        gamma=settings.gamma,
-        exclude=exclude,
-    )
+    diffusion_kwargs = dict(settings.diffusion_options(), exclude=exclude)
     if method == "diffusion":
         return diffusion_ranks(queries, database, **diffusion_kwargs)
     query_features, database_features = features()
@@ -485,19 +550,8 @@ def _rerank(
     )
     if method == "dsm":
         return np.asarray(reranking.ranks)
-    seeds = dsm_diffusion_seeds(
-        reranking,
-        num_database=len(database),
-        num_seeds=settings.dsm_num_seeds or settings.num_seeds,
-        min_inliers=settings.dsm_min_inliers,
-        num_candidates=settings.dsm_seed_candidates,
-        global_scores=(
-            np.asarray(similarity.cosine_similarities(queries, database))
-            if settings.dsm_seeds_weighted_by_similarity
-            else None
-        ),
-    )
-    return diffusion_ranks(queries, database, seeds=np.asarray(seeds), **diffusion_kwargs)
+    seeds = dsm_seeds(reranking, queries, database, settings)
+    return diffusion_ranks(queries, database, seeds=seeds, **diffusion_kwargs)
 
 
 def rerank_split(
@@ -696,29 +750,20 @@ def delf_rerank(
       The :class:`Reranking` and the (Q, N) inlier count of every verified pair
       (database order; -1 where not verified).
     """
-    num_queries, num_database = np.shape(scores)
-    exclude = _check_exclude(exclude, num_queries, num_database)
-    scores = _without_excluded(scores, exclude)
-    global_ranks = ranks_of(scores).astype(np.int32)
-    candidates = num_database - (exclude is not None)
-    size = candidates if settings.shortlist is None else min(settings.shortlist, candidates)
+    global_ranks, finite_scores, size = global_shortlist(scores, exclude, settings.shortlist)
     rerank = _jitted_delf_rerank(size, settings.min_inliers, settings.verification())
     key = jax.random.key(settings.seed)
-    finite_scores = np.where(np.isfinite(scores), scores, -2.0)
-    ranks, inliers_sorted = [], []
-    for q in range(num_queries):
-        one = jax.tree.map(lambda x, q=q: np.asarray(x)[q : q + 1], query_features)
-        result = rerank(
-            global_ranks[q : q + 1], finite_scores[q : q + 1], one, database_features,
+    results = [
+        rerank(
+            global_ranks[q : q + 1],
+            finite_scores[q : q + 1],
+            jax.tree.map(lambda x, q=q: np.asarray(x)[q : q + 1], query_features),
+            database_features,
             jax.random.fold_in(key, q),
-        )  # fmt: skip
-        ranks.append(np.asarray(result.ranks))
-        inliers_sorted.append(np.asarray(result.shortlist_inliers))
-    reranking = Reranking(np.concatenate(ranks), np.concatenate(inliers_sorted))
-    pair_inliers = np.full((num_queries, num_database), -1, np.int64)
-    rows = np.arange(num_queries)[:, None]
-    pair_inliers[rows, reranking.ranks[:, :size]] = reranking.shortlist_inliers
-    return reranking, pair_inliers
+        )
+        for q in range(len(global_ranks))
+    ]
+    return _stacked(results, global_ranks.shape[1])
 
 
 def delf_query_expansion_ranks(

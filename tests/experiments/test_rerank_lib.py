@@ -5,7 +5,7 @@ import pytest
 from experiments import rerank_lib
 from jaxretrieval import diffusion, query_expansion, search
 from jaxretrieval.data import images as image_io
-from jaxretrieval.spatial_verification import DSMFeatureExtractor, LocalFeatures
+from jaxretrieval.spatial_verification import DSMFeatureExtractor, DSMSettings, LocalFeatures
 
 
 def _clustered(rng, num, dim=16, clusters=4):
@@ -178,6 +178,31 @@ def test_exclude_is_validated():
         rerank_lib.diffusion_ranks(x, x, exclude=np.array([0, 1, 2, 4]))
     with pytest.raises(ValueError, match="needs the query and database image paths"):
         rerank_lib.rerank_leave_one_out("dsm", x, paths=["a.jpg"])
+
+
+def test_published_settings_take_their_dsm_values_from_dsm_settings():
+    settings = rerank_lib.dsm_published_settings()
+    dsm = DSMSettings.published()
+    assert (settings.graph_k, settings.num_seeds, settings.diffusion_alpha) == (50, 5, 0.99)
+    assert settings.dsm_max_side == dsm.max_side == 1024
+    assert settings.dsm_shortlist == dsm.shortlist_size == 100
+    assert settings.dsm_min_inliers == dsm.min_inliers == 0
+    assert (settings.dsm_num_seeds, settings.dsm_seed_candidates) == (4, 10)
+    assert settings.dsm_separate_scales and settings.dsm_seeds_weighted_by_similarity
+    assert settings.dsm_max_correspondences == 512 and not settings.dsm_count_distinct
+    ours = rerank_lib.RerankSettings().with_dsm(DSMSettings())
+    assert ours.dsm_num_seeds == DSMSettings().num_seeds and ours.qe_k == 2
+
+
+def test_global_shortlist_puts_the_excluded_image_last():
+    scores = np.array([[0.1, 0.9, 0.5], [0.7, 0.2, 0.3]], np.float32)
+    ranks, finite, size = rerank_lib.global_shortlist(scores, np.array([1, 0]), None)
+    np.testing.assert_array_equal(ranks, [[2, 0, 1], [2, 1, 0]])
+    assert ranks.dtype == np.int32 and finite.dtype == np.float32 and size == 2
+    np.testing.assert_array_equal(finite, np.where([[0, 1, 0], [1, 0, 0]], -2.0, scores))
+    assert rerank_lib.global_shortlist(scores, None, 5)[2] == 3
+    counts = rerank_lib.pair_counts(ranks, np.array([[4, 6], [1, 2]]), 3)
+    np.testing.assert_array_equal(counts, [[6, -1, 4], [-1, 2, 1]])
 
 
 def test_dsm_leave_one_out_equals_split_without_the_query_row(leuven_and_bikes):
