@@ -94,10 +94,9 @@ from jaxretrieval.retrieval_model import ModelConfig
 from jaxretrieval.spatial_verification import (
     DSMSettings,
     LocalFeatures,
-    Reranking,
     activation_local_features,
-    dsm_diffusion_seeds,
     local_features_nbytes,
+    reorder_by_inliers,
     rerank_shortlist,
     stack_local_features,
 )
@@ -196,32 +195,6 @@ def table_rows(max_side: int, min_distinct_inliers: int | None) -> list[Row]:
 # -------------------------------------------------------------------- DSM re-ranking
 
 
-def _without_excluded(scores: np.ndarray, exclude: np.ndarray | None) -> np.ndarray:
-    scores = np.array(scores, np.float32)
-    if exclude is not None:
-        scores[np.arange(len(scores)), exclude] = -np.inf
-    return scores
-
-
-def reorder_shortlist(
-    global_ranks: np.ndarray, global_scores: np.ndarray, counts: np.ndarray, min_inliers: int
-) -> Reranking:
-    """:func:`~jaxretrieval.spatial_verification.rerank_shortlist`'s order from given counts.
-
-    ``counts`` (Q, L) belong to ``global_ranks[:, :L]``. Verified images (``>= min_inliers``)
-    first by decreasing count, then by decreasing global score, stable; the rest after.
-    """
-    size = counts.shape[1]
-    shortlist = global_ranks[:, :size]  # (Q, L)
-    verified = np.where(counts >= min_inliers, counts, 0)  # (Q, L)
-    scores = np.take_along_axis(global_scores, shortlist, axis=1)  # (Q, L)
-    order = np.stack([np.lexsort((-s, -v)) for v, s in zip(verified, scores, strict=True)])
-    ranks = np.concatenate(
-        [np.take_along_axis(shortlist, order, axis=1), global_ranks[:, size:]], axis=1
-    )
-    return Reranking(ranks=ranks, shortlist_inliers=np.take_along_axis(counts, order, axis=1))
-
-
 @dataclasses.dataclass
 class Verified:
     """One verification of every query's shortlist.
@@ -240,10 +213,7 @@ class Verified:
 
     def pair_matrix(self, counts: np.ndarray) -> np.ndarray:
         """(Q, N) counts in database order, -1 where not verified."""
-        out = np.full(self.scores.shape, -1, np.int64)
-        rows = np.arange(len(out))[:, None]
-        out[rows, self.global_ranks[:, : counts.shape[1]]] = counts
-        return out
+        return rerank_lib.pair_counts(self.global_ranks, counts, self.scores.shape[1])
 
 
 def verify(
@@ -258,11 +228,9 @@ def verify(
     exclude: np.ndarray | None = None,
 ) -> Verified:
     """Verifies each query's global shortlist as ``rerank_lib.dsm_rerank`` does, once."""
-    num_database = len(database)
-    scores = _without_excluded(similarity.cosine_similarities(queries, database), exclude)
-    global_ranks = rerank_lib.ranks_of(scores).astype(np.int32)
-    candidates = num_database - (exclude is not None)
-    size = candidates if settings.dsm_shortlist is None else min(settings.dsm_shortlist, candidates)
+    global_ranks, scores, size = rerank_lib.global_shortlist(
+        similarity.cosine_similarities(queries, database), exclude, settings.dsm_shortlist
+    )
     inliers, distinct = [], []
     for q in range(len(queries)):
         query = jax.tree.map(lambda x, q=q: x[q], query_features)
@@ -278,7 +246,7 @@ def verify(
         distinct.append(d)
     return Verified(
         global_ranks=global_ranks,
-        scores=np.where(np.isfinite(scores), scores, -2.0).astype(np.float32),
+        scores=scores,
         inliers=np.stack(inliers).astype(np.int32),
         distinct=np.stack(distinct).astype(np.int32),
     )
@@ -294,30 +262,15 @@ def dsm_rankings(
 ) -> dict[str, np.ndarray]:
     """``{"dsm": ranks, "dsm+diffusion": ranks}`` from one verification, as rerank_lib's."""
     counts = verified.distinct if settings.dsm_count_distinct else verified.inliers
-    reranking = reorder_shortlist(
-        verified.global_ranks, verified.scores, counts, settings.dsm_min_inliers
-    )
-    seeds = dsm_diffusion_seeds(
-        reranking,
-        num_database=len(database),
-        num_seeds=settings.dsm_num_seeds or settings.num_seeds,
-        min_inliers=settings.dsm_min_inliers,
-        num_candidates=settings.dsm_seed_candidates,
-        global_scores=(
-            np.asarray(similarity.cosine_similarities(queries, database))
-            if settings.dsm_seeds_weighted_by_similarity
-            else None
-        ),
+    reranking = reorder_by_inliers(
+        verified.global_ranks, verified.scores, counts, min_inliers=settings.dsm_min_inliers
     )
     diffused = rerank_lib.diffusion_ranks(
         queries,
         database,
-        seeds=np.asarray(seeds),
-        graph_k=settings.graph_k,
-        num_seeds=settings.num_seeds,
-        alpha=settings.diffusion_alpha,
-        gamma=settings.gamma,
+        seeds=rerank_lib.dsm_seeds(reranking, queries, database, settings),
         exclude=exclude,
+        **settings.diffusion_options(),
     )
     return {"dsm": np.asarray(reranking.ranks), "dsm+diffusion": diffused}
 
