@@ -158,11 +158,13 @@ class SearchIndex:
         num_items = x.shape[0]
         if num_items == 0:
             raise ValueError(f"cannot train an {self.index_type} index on 0 descriptors.")
-        num_lists = self.num_lists
-        if num_lists is None:
-            num_lists = int(round(4 * math.sqrt(num_items)))
-        num_lists = max(1, min(num_lists, num_items))
-        num_train = _POINTS_PER_CENTROID * num_lists
+        num_lists, sample_ids = _training_sample(
+            num_items,
+            index_type=self.index_type,
+            num_lists=self.num_lists,
+            bits_per_code=self.bits_per_code,
+            seed=self.seed,
+        )
         quantizer = faiss.IndexFlatIP(self.dim)
         if self.index_type == "ivf":
             index = faiss.IndexIVFFlat(quantizer, self.dim, num_lists, faiss.METRIC_INNER_PRODUCT)
@@ -173,7 +175,6 @@ class SearchIndex:
                     f"an ivfpq index with bits_per_code={self.bits_per_code} needs at least "
                     f"{num_codes} training descriptors, found {num_items}."
                 )
-            num_train = max(num_train, _POINTS_PER_CENTROID * num_codes)
             index = faiss.IndexIVFPQ(
                 quantizer, self.dim, num_lists, self.num_subquantizers, self.bits_per_code,
                 faiss.METRIC_INNER_PRODUCT,
@@ -183,9 +184,8 @@ class SearchIndex:
         index.cp.seed = self.seed
         # Fewer than 39 points per centroid only triggers a faiss warning; quiet it.
         index.cp.min_points_per_centroid = 1
-        rng = np.random.default_rng(self.seed)
-        if num_train < num_items:
-            x = x[np.sort(rng.choice(num_items, size=num_train, replace=False))]
+        if len(sample_ids) < num_items:
+            x = x[sample_ids]
         index.train(x)
         index.nprobe = min(self.num_probes, num_lists)
         self.num_lists = num_lists
@@ -364,15 +364,9 @@ def knn_search(
     database: Float[AnyArray, "N D"],
     *,
     k: int,
-    index_type: str = "flat",
-    num_lists: int | None = None,
-    num_probes: int = 16,
-    num_subquantizers: int = 16,
-    bits_per_code: int = 8,
     exclude: Int[AnyArray, "Q X"] | None = None,
     batch_size: int = 65536,
-    seed: int = 0,
-    use_gpu: bool | None = None,
+    **index_options,
 ) -> tuple[Float[np.ndarray, "Q K"], Int[np.ndarray, "Q K"]]:
     """Top-k database rows per query by inner product: a :class:`SearchIndex` built and searched.
 
@@ -390,15 +384,13 @@ def knn_search(
       queries: L2-normalised query rows.
       database: L2-normalised database rows.
       k: Neighbours per query; must be in [1, N].
-      index_type: ``"flat"``, ``"ivf"`` or ``"ivfpq"``.
-      num_lists: IVF lists; default ``round(4 * sqrt(N))``, at most N.
-      num_probes: IVF lists scanned per query.
-      num_subquantizers: PQ sub-vectors (``"ivfpq"``); must divide D.
-      bits_per_code: Bits per PQ code (``"ivfpq"``); N must be at least ``2 ** bits``.
       exclude: Optional database ids to leave out of each query's result (-1 pads).
       batch_size: Queries per faiss call.
-      seed: Seed of the IVF training sample and k-means.
-      use_gpu: True, False, or None for "if faiss sees a GPU".
+      **index_options: The keyword arguments of :class:`SearchIndex` (``index_type``,
+        default ``"flat"``; ``num_lists``, default ``round(4 * sqrt(N))``, at most N;
+        ``num_probes``; ``num_subquantizers``, which must divide D; ``bits_per_code``,
+        with N at least ``2 ** bits_per_code``; ``seed``; ``use_gpu``; ``num_threads``),
+        with its defaults.
 
     Returns:
       ``(similarities, indices)``: float32 and int64, ``(Q, k)``, best first. Slots an
@@ -433,16 +425,7 @@ def knn_search(
             f"knn_search: k must be in [1, N] for a database of shape {database.shape}, "
             f"found k={k}."
         )
-    index = SearchIndex(
-        dim,
-        index_type=index_type,
-        num_lists=num_lists,
-        num_probes=num_probes,
-        num_subquantizers=num_subquantizers,
-        bits_per_code=bits_per_code,
-        seed=seed,
-        use_gpu=use_gpu,
-    )
+    index = SearchIndex(dim, **index_options)
     index.train(database)
     index.add(database)
     return index.search(queries, k=k, exclude=exclude, batch_size=batch_size)
@@ -886,16 +869,13 @@ def build_sharded_index(
         num_threads=num_threads,
     )
     if index_type != "flat":
-        if num_lists is None:
-            num_lists = int(round(4 * math.sqrt(max(total, 1))))
-        num_lists = max(1, min(num_lists, total))
-        num_train = _POINTS_PER_CENTROID * num_lists
-        if index_type == "ivfpq":
-            num_train = max(num_train, _POINTS_PER_CENTROID * 2**bits_per_code)
-        rng = np.random.default_rng(seed)
-        sample_ids = np.arange(total)
-        if num_train < total:
-            sample_ids = np.sort(rng.choice(total, size=num_train, replace=False))
+        num_lists, sample_ids = _training_sample(
+            total,
+            index_type=index_type,
+            num_lists=num_lists,
+            bits_per_code=bits_per_code,
+            seed=seed,
+        )
         template.num_lists = num_lists
         sample = files.gather(sample_ids)
         if sample.shape[0] < num_lists:
@@ -926,6 +906,31 @@ def build_sharded_index(
         )
         ids.append(int(concatenated[0]) if consecutive else concatenated)
     return ShardedSearchIndex(parts, ids)
+
+
+def _training_sample(
+    num_items: int, *, index_type: str, num_lists: int | None, bits_per_code: int, seed: int
+) -> tuple[int, Int[np.ndarray, " S"]]:
+    """The inverted lists of an IVF index over ``num_items`` rows and its training sample.
+
+    ``num_lists`` None chooses ``round(4 * sqrt(num_items))``; it is capped at
+    ``num_items`` (and at least 1). The sample holds 64 rows per list (and, for IVF-PQ, at
+    least 64 per PQ centroid): a seeded draw without replacement, or every row if there
+    are not more.
+
+    Returns:
+      ``(num_lists, sample_ids)``: the capped number of lists and the sorted row ids.
+    """
+    if num_lists is None:
+        num_lists = int(round(4 * math.sqrt(num_items)))
+    num_lists = max(1, min(num_lists, num_items))
+    num_train = _POINTS_PER_CENTROID * num_lists
+    if index_type == "ivfpq":
+        num_train = max(num_train, _POINTS_PER_CENTROID * 2**bits_per_code)
+    if num_train >= num_items:
+        return num_lists, np.arange(num_items)
+    rng = np.random.default_rng(seed)
+    return num_lists, np.sort(rng.choice(num_items, size=num_train, replace=False))
 
 
 def _is_listed(ids: np.ndarray, listed: np.ndarray, num_items: int) -> np.ndarray:
