@@ -107,6 +107,30 @@ def _draw_queries(eligible: np.ndarray, num_tuples: int, rng: np.random.Generato
     return np.concatenate([rng.permutation(eligible) for _ in range(repeats)])[:num_tuples]
 
 
+def _epoch_queries(
+    labelled: LabelledImages,
+    num_tuples: int,
+    num_negatives: int,
+    pool_size: int | None,
+    seed: int,
+    positive: str,
+) -> tuple[np.ndarray, list[np.random.Generator]]:
+    """Validates the arguments; returns the epoch's queries and the streams of the other draws.
+
+    :func:`mine_tuples` and :func:`images_to_describe` start here, so for the same
+    arguments they draw the same queries (and, from the same streams, the same pool).
+    """
+    eligible = _check_arguments(
+        labelled,
+        num_tuples=num_tuples,
+        num_negatives=num_negatives,
+        pool_size=pool_size,
+        positive=positive,
+    )
+    streams = _streams(seed)
+    return _draw_queries(eligible, num_tuples, streams[_QUERIES]), streams
+
+
 def _draw_pool(num_images: int, pool_size: int | None, rng: np.random.Generator) -> np.ndarray:
     if pool_size is None or pool_size >= num_images:
         return np.arange(num_images)
@@ -135,15 +159,9 @@ def images_to_describe(
     Raises:
       ValueError: As :func:`mine_tuples`.
     """
-    eligible = _check_arguments(
-        labelled,
-        num_tuples=num_tuples,
-        num_negatives=num_negatives,
-        pool_size=pool_size,
-        positive=positive,
+    queries, streams = _epoch_queries(
+        labelled, num_tuples, num_negatives, pool_size, seed, positive
     )
-    streams = _streams(seed)
-    queries = _draw_queries(eligible, num_tuples, streams[_QUERIES])
     needed = [queries]
     if num_negatives:
         needed.append(_draw_pool(len(labelled), pool_size, streams[_POOL]))
@@ -285,12 +303,8 @@ def mine_tuples(
       array([[1, 0, 2, 3],
              [0, 1, 2, 3]], dtype=int32)
     """
-    eligible = _check_arguments(
-        labelled,
-        num_tuples=num_tuples,
-        num_negatives=num_negatives,
-        pool_size=pool_size,
-        positive=positive,
+    queries, streams = _epoch_queries(
+        labelled, num_tuples, num_negatives, pool_size, seed, positive
     )
     descriptors = np.asarray(descriptors)
     if descriptors.ndim != 2 or descriptors.shape[0] != len(labelled):
@@ -300,8 +314,6 @@ def mine_tuples(
         )
     if not np.issubdtype(descriptors.dtype, np.floating):
         raise TypeError(f"descriptors must be floating, got dtype {descriptors.dtype}.")
-    streams = _streams(seed)
-    queries = _draw_queries(eligible, num_tuples, streams[_QUERIES])
     if labelled.synthetic_positives:
         positives = queries
     elif positive == "random":
