@@ -121,8 +121,7 @@ def alpha_query_expansion(
       The expanded, L2-normalised queries.
 
     Raises:
-      ValueError: If the database is empty, the dimensions differ, or k is not in [0, N].
-      TypeError: If an input is not floating.
+      ValueError, TypeError: As :func:`average_query_expansion` (the same input checks).
 
     References:
       Radenović, Tolias, Chum. Fine-tuning CNN image retrieval with no human annotation.
