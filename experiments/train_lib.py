@@ -17,6 +17,16 @@ whitening) with a tuple or listwise loss on labelled photos:
 6. the model is exported to ``<workdir>/model`` (:func:`jaxretrieval.model_io.save_model`),
    which ``python -m experiments.evaluate --checkpoint <workdir>`` reads.
 
+Several processes (hosts): with ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES`` and
+``JAX_PROCESS_ID`` set (:func:`jaxretrieval.sharding.initialize_distributed`), every
+process runs this same loop on one global mesh: each loads only its rows of every
+global batch (:func:`jaxretrieval.sharding.process_rows`) and the step runs on the
+assembled global batch (:func:`jaxretrieval.sharding.global_batch`); mining splits its
+extraction over the processes (:func:`jaxretrieval.extraction.extract_across_processes`);
+orbax saves collectively; process 0 alone writes the config, metrics, mined tuples,
+curves and the exported model. The work directory must be on storage every process
+sees. With one process nothing of this changes the run.
+
 The run directory holds ``config.json``, ``metrics.jsonl`` (one JSON object per logged
 step or evaluation), ``curves.png`` (loss and validation mAP), ``checkpoints/``,
 ``mining/`` and ``model/``. The validation scenes are held out of the training CSV
@@ -30,6 +40,7 @@ import pathlib
 import time
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import numpy as np
@@ -144,10 +155,14 @@ def _epoch_tuples(
         positive=mining.positive,
     )
     rows = tuple_mining.images_to_describe(images, **kwargs)
-    described = extractor([images.paths[i] for i in rows], progress=False, strict=True)
+    described = extraction.extract_across_processes(  # one process: extractor(paths, ...)
+        extractor, [images.paths[i] for i in rows], progress=False, strict=True
+    )
     descriptors = np.zeros((len(images), described.descriptors.shape[1]), np.float32)
     descriptors[rows] = described.descriptors
     tuples = tuple_mining.mine_tuples(images, descriptors, **kwargs)
+    if jax.process_index() != 0:  # every process mined the same tuples; one writes them
+        return tuples
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_name(path.name + ".tmp.npz")
     np.savez(temporary, indices=tuples.indices, num_random_negatives=tuples.num_random_negatives)
@@ -288,6 +303,23 @@ def check_training_images(images: labelled_lib.LabelledImages) -> None:
         raise ValueError(f"{len(bad)} training images cannot be read ({listed})")
 
 
+def process_dataset(dataset: grain.MapDataset, batch_size: int) -> grain.MapDataset:
+    """This process's elements of every global batch, in order (the dataset itself alone).
+
+    Element ``b * L + j`` of the result is element ``b * batch_size + r + j`` of
+    ``dataset``, for the rows ``r..r + L`` of :func:`jaxretrieval.sharding.process_rows`;
+    batching it by ``L`` gives this process's part of global batch ``b``.
+    """
+    rows = sharding.process_rows(batch_size)
+    if jax.process_count() == 1:
+        return dataset
+    local = rows.stop - rows.start
+    num_batches = len(dataset) // batch_size
+    return grain.MapDataset.range(num_batches * local).map(
+        lambda i: dataset[(i // local) * batch_size + rows.start + i % local]
+    )
+
+
 def _make_task(config: ml_collections.ConfigDict, workdir: pathlib.Path):
     task = config.get("task", "retrieval")
     if task == "retrieval":
@@ -308,9 +340,12 @@ def train_and_evaluate(
       ValueError: A bad config value (the message names it).
       FileNotFoundError: Missing training data.
     """
+    sharding.initialize_distributed()  # a multi-process run if the JAX_* variables say so
+    is_chief = jax.process_index() == 0
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    _write_config(config, workdir)
+    if is_chief:
+        _write_config(config, workdir)
     metrics = MetricsWriter(workdir / "metrics.jsonl")
     task = _make_task(config, workdir)
 
@@ -343,30 +378,32 @@ def train_and_evaluate(
         save_interval_steps=config.checkpoint.every_steps,
         max_to_keep=config.checkpoint.keep,
     )
-    if checkpointer.latest_step is not None:
+    train_state = sharding.replicate(train_state, mesh)
+    if checkpointer.latest_step is not None:  # restored in place, replicated on the mesh
         train_state = checkpointer.restore(train_state)
         logger.info("resuming from step %d in %s", int(train_state.step), workdir)
-    train_state = sharding.replicate(train_state, mesh)
     train_step = step.make_train_step(task.batch_loss, optimizer, mesh=mesh)
-    placement = sharding.batch_sharding(mesh)
 
     start_step = int(train_state.step)
-    bar = tqdm(total=total_steps, initial=start_step, desc="training", unit="step")
+    bar = tqdm(
+        total=total_steps, initial=start_step, desc="training", unit="step", disable=not is_chief
+    )
     last: dict[str, Any] = {}
     for epoch in range(start_step // steps_per_epoch, config.optim.num_epochs):
         dataset = task.epoch_dataset(epoch, jax.device_get(train_state.variables()))
         first_batch = int(train_state.step) - epoch * steps_per_epoch
+        rows = sharding.process_rows(batch_size)  # one process: the whole batch
         batches = iter(
             training_pipeline.batches(
-                dataset,
-                batch_size=batch_size,
+                process_dataset(dataset, batch_size),
+                batch_size=rows.stop - rows.start,
                 start_batch=first_batch,
                 num_threads=config.data.workers,
             )
         )
         tick = time.perf_counter()
         for batch_index, batch in zip(range(first_batch, steps_per_epoch), batches, strict=False):
-            train_state, step_metrics = train_step(train_state, jax.device_put(batch, placement))
+            train_state, step_metrics = train_step(train_state, sharding.global_batch(batch, mesh))
             current_step = int(train_state.step)
             if current_step % config.log_every_steps == 0 or batch_index == steps_per_epoch - 1:
                 elapsed = time.perf_counter() - tick
@@ -383,7 +420,8 @@ def train_and_evaluate(
                 gem = train_state.trainable.get("gem")
                 if gem is not None:
                     record["gem_p"] = float(jax.device_get(gem["p"]))
-                metrics.write(record)
+                if is_chief:
+                    metrics.write(record)
                 last.update(record)
                 bar.set_postfix(
                     loss=f"{record['loss']:.4f}", img_s=f"{record['images_per_second']:.1f}"
@@ -392,7 +430,7 @@ def train_and_evaluate(
             checkpointer.save(current_step, train_state)
             if current_step % config.eval.every_steps == 0:
                 scores = task.validate(jax.device_get(train_state.variables()))
-                if scores:
+                if scores and is_chief:
                     metrics.write({"step": current_step, "epoch": epoch, **scores})
                     last.update(scores)
         batches.close()
@@ -406,12 +444,13 @@ def train_and_evaluate(
         final.update({k: v for k, v in last.items() if k.startswith("validation")})
     else:
         final.update(task.validate(final_variables))
-    if len(final) > 1:
-        metrics.write({**final, "final": True})
-    task.export(
-        workdir / model_io.EXPORT_SUBDIR,
-        final_variables,
-        {"config": json.loads(config.to_json_best_effort()), "metrics": final},
-    )
-    plot_curves(metrics.read(), workdir / "curves.png")
+    if is_chief:
+        if len(final) > 1:
+            metrics.write({**final, "final": True})
+        task.export(
+            workdir / model_io.EXPORT_SUBDIR,
+            final_variables,
+            {"config": json.loads(config.to_json_best_effort()), "metrics": final},
+        )
+        plot_curves(metrics.read(), workdir / "curves.png")
     return {**last, **final}

@@ -23,6 +23,13 @@ model's GeM exponent (``p = 1`` for other poolings), L2-normalised, and only the
 (as cirtorch applies its learned whitening to the multi-scale descriptor). With one scale
 this is exactly the model's ``descriptors`` output.
 
+Several processes (hosts): extraction needs no communication between them. An
+:class:`Extractor` runs on its own process's devices, and :func:`extract_across_processes`
+gives each process a contiguous slice of the image list and gathers the descriptors on
+every process (or leaves each process's part in its own file, ready for
+:func:`jaxretrieval.search.build_sharded_index`). With one process it is exactly
+``Extractor.__call__`` / :func:`extract_cached`.
+
 Descriptor caches (:func:`extract_cached`) are keyed by :attr:`Extractor.cache_key`: the
 model config, a digest of the variables actually used, the settings, and each file's
 path, size and mtime. Extraction saves its progress in chunks with atomic writes, so an
@@ -184,7 +191,8 @@ class Extractor:
         ``"backbone"``), e.g. from :func:`jaxretrieval.model_io.load_model`.
       settings: How to extract; ``max_side``/``scales`` default to the model's.
       num_decode_threads: Threads decoding and resizing images (OpenCV releases the GIL).
-      devices: Devices to shard batches over (default: all).
+      devices: Devices to shard batches over (default: all of this process's; with one
+        process, every device).
 
     Examples:
       ``Extractor.pretrained(ModelConfig(max_side=224))(paths).descriptors``
@@ -202,7 +210,8 @@ class Extractor:
         self.model = model
         self.spec = model.spec
         self.settings = settings.resolved(model)
-        self.mesh = sharding.data_mesh(devices)
+        # Local devices: in a multi-process run each process extracts its own images.
+        self.mesh = sharding.data_mesh(jax.local_devices() if devices is None else devices)
         self.batch_size = sharding.round_up_to_devices(self.settings.batch_size, self.mesh)
         self.module = retrieval_model.make_model(model)
         poolings = (model.pooling, *self.settings.extra_poolings)
@@ -660,3 +669,90 @@ def extract_cached(
     save_descriptors(cache_file, result, key)
     partial_file.unlink(missing_ok=True)
     return result
+
+
+# --- several processes ------------------------------------------------------------------
+
+_MAX_REASON_BYTES = 512
+
+
+def process_part_file(cache_file: str | os.PathLike) -> pathlib.Path:
+    """This process's part of ``cache_file``: ``name.part00001-of-00004.npz``.
+
+    With one process, ``cache_file`` itself.
+    """
+    cache_file = pathlib.Path(cache_file)
+    if jax.process_count() == 1:
+        return cache_file
+    part = f"part{jax.process_index():05d}-of-{jax.process_count():05d}"
+    return cache_file.with_name(f"{cache_file.stem}.{part}{cache_file.suffix or '.npz'}")
+
+
+def extract_across_processes(
+    extractor: Extractor,
+    paths: Sequence[str | os.PathLike],
+    boxes: Sequence[Box | None] | None = None,
+    *,
+    cache_file: str | os.PathLike | None = None,
+    gather: bool = True,
+    **kwargs: Any,
+) -> ExtractionResult:
+    """Extracts ``paths`` with every process of a multi-process run, each its own slice.
+
+    Process p describes :func:`jaxretrieval.sharding.process_slice` of the list on its
+    own devices; with ``cache_file`` it goes through :func:`extract_cached`, so each
+    process saves and resumes its part in :func:`process_part_file`. With ``gather``, the
+    descriptors, masks and failures are then gathered so that every process returns the
+    result for the whole list, the same as one process would; all processes must call
+    this together. Without ``gather`` each returns its own part (the part files are
+    what :func:`jaxretrieval.search.build_sharded_index` reads, in process order).
+
+    With one process this is ``extractor(paths, boxes, **kwargs)``, or
+    :func:`extract_cached` with ``cache_file`` (the file itself).
+
+    Args:
+      extractor: The extractor (same model and variables in every process).
+      paths: The whole image list, identical in every process.
+      boxes: Optional crops, as for :meth:`Extractor.__call__`.
+      cache_file: Optional descriptor file; each process uses its own part file.
+      gather: Return the whole list's result (True) or this process's part.
+      **kwargs: More :meth:`Extractor.__call__` arguments (``strict``, ``progress``...).
+
+    Returns:
+      An :class:`ExtractionResult` for ``paths`` (or for this process's slice).
+    """
+    paths = [os.fspath(p) for p in paths]
+    if boxes is not None and len(boxes) != len(paths):
+        raise ValueError(f"got {len(boxes)} boxes for {len(paths)} images.")
+    part = sharding.process_slice(len(paths))
+    part_boxes = boxes[part] if boxes is not None else None
+    if cache_file is None:
+        local = extractor(paths[part], part_boxes, **kwargs)
+    else:
+        local = extract_cached(
+            extractor, paths[part], part_boxes, cache_file=process_part_file(cache_file), **kwargs
+        )
+    if not gather or jax.process_count() == 1:
+        return local
+    reasons = dict(local.failures)
+    encoded = np.zeros((len(local.paths), _MAX_REASON_BYTES), np.uint8)
+    for row, path in enumerate(local.paths):
+        if path in reasons:
+            text = reasons[path].encode()[:_MAX_REASON_BYTES]
+            encoded[row, : len(text)] = np.frombuffer(text, np.uint8)
+    valid = sharding.gather_rows(local.valid, len(paths))
+    encoded = sharding.gather_rows(encoded, len(paths))
+    failures = [
+        (paths[i], bytes(encoded[i]).rstrip(b"\0").decode(errors="replace"))
+        for i in np.flatnonzero(~valid)
+    ]
+    return ExtractionResult(
+        descriptors=sharding.gather_rows(local.descriptors, len(paths)),
+        valid=valid,
+        paths=paths,
+        failures=failures,
+        compiled_shapes=local.compiled_shapes,
+        by_pooling={
+            name: sharding.gather_rows(x, len(paths)) for name, x in local.by_pooling.items()
+        },
+    )

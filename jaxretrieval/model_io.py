@@ -106,7 +106,14 @@ def save_model(
             stored = _changed_variables(host_variables, _pretrained_variables(config))
         except FileNotFoundError:  # no shipped weights for this backbone: store everything
             base = None
-    checkpointer = ocp.StandardCheckpointer()
+    # Host arrays, written by this process alone: in a multi-process run only one process
+    # exports, so orbax must not wait for the others (its default is a collective save).
+    this_process = jax.process_index()
+    checkpointer = ocp.StandardCheckpointer(
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            primary_host=this_process, active_processes={this_process}
+        )
+    )
     checkpointer.save(target, stored)
     checkpointer.wait_until_finished()
     document = {
