@@ -4,6 +4,11 @@
   .venv/bin/python -m benchmarks.dsm_reranking_table --quick       # landmarks_mini, split only
   .venv/bin/python -m benchmarks.dsm_reranking_table --sets landmarks_mini   # split + LOO
   .venv/bin/python -m benchmarks.dsm_reranking_table --backbone efficientnet_lite0
+  .venv/bin/python -m benchmarks.dsm_reranking_table --checkpoint checkpoints/<name>
+
+``--checkpoint``: a saved or fine-tuned model (experiments.train's export) gives both the
+global descriptors (its GeM p and whitening, at ``--max-side``) and the DSM activations
+(its backbone variables): the DSM seed's setting of a retrieval-tuned network.
 
 Rows (revisited Medium mAP):
 
@@ -56,6 +61,7 @@ import numpy as np
 from benchmarks import common
 from experiments import evaluate_lib, rerank_lib
 from experiments.rerank_lib import MIN_INLIERS, RerankSettings
+from jaxretrieval import extraction, model_io
 from jaxretrieval.data import datasets
 from jaxretrieval.spatial_verification import DSMFeatureExtractor
 
@@ -138,6 +144,9 @@ def main(argv=None):
     parser = common.table_parser(__doc__.split("\n")[0], quick="landmarks_mini, split only")
     parser.add_argument("--sets", nargs="+", default=list(SETS), choices=SETS)
     parser.add_argument("--backbone", default="mobilenet_v2")
+    parser.add_argument(
+        "--checkpoint", help="a saved/fine-tuned model directory instead of --backbone's weights"
+    )
     parser.add_argument("--dsm-max-side", type=int, default=512, help="DSM local features")
     parser.add_argument("--max-correspondences", type=int, default=1024)
     parser.add_argument("--threshold-cells", type=float, default=2.0)
@@ -145,10 +154,20 @@ def main(argv=None):
     args = parser.parse_args(argv)
     sets = SETS[:1] if args.quick else args.sets
     loo = not (args.quick or args.no_loo)
-    extract = common.pretrained_extraction(args.max_side, args.backbone)
-    local_extractor = common.MemoizedDSMExtractor(
-        DSMFeatureExtractor.pretrained(args.backbone, pad_multiple=64)
-    )
+    if args.checkpoint:
+        model, variables = model_io.load_model(args.checkpoint)
+        global_extractor = extraction.Extractor(
+            model, variables, extraction.ExtractionSettings(max_side=args.max_side)
+        )
+        extract = common.memoized_extraction(
+            evaluate_lib.cached_extraction(global_extractor, progress=False)
+        )
+        dsm_features = DSMFeatureExtractor(model, variables, pad_multiple=64)
+        args.backbone = f"{model.backbone} from {args.checkpoint}"
+    else:
+        extract = common.pretrained_extraction(args.max_side, args.backbone)
+        dsm_features = DSMFeatureExtractor.pretrained(args.backbone, pad_multiple=64)
+    local_extractor = common.MemoizedDSMExtractor(dsm_features)
     dsm = RerankSettings(
         graph_k=GRAPH_K,
         gamma=GAMMA,
