@@ -549,24 +549,30 @@ class DescriptorFiles:
             del descriptors
 
     def gather(self, ids: Sequence[int] | Int[AnyArray, " S"]) -> Float[np.ndarray, "V D"]:
-        """The valid rows among the sorted global ``ids`` (one file open at a time).
+        """The valid rows among the global ``ids``, in the order given (one file open at a time).
 
-        Used to draw a training sample without reading the files whole (``.npy``).
+        Used to draw a training sample without reading the files whole (``.npy``). Rows
+        marked invalid in their file are left out; the others keep the order of ``ids``.
         """
         ids = np.asarray(ids, np.int64)
-        parts = []
+        order = np.argsort(ids, kind="stable")  # each file is read once, in id order
+        ids = ids[order]
+        parts, kept = [], []
         for file_index, (start, stop) in enumerate(itertools.pairwise(self.offsets)):
-            local = ids[(ids >= start) & (ids < stop)] - start
-            if local.size == 0:
+            in_file = np.flatnonzero((ids >= start) & (ids < stop))
+            if in_file.size == 0:
                 continue
+            local = ids[in_file] - start
             descriptors, valid = self._open(file_index)
             if valid is not None:
-                local = local[valid[local]]
+                in_file, local = in_file[valid[local]], local[valid[local]]
             parts.append(np.asarray(descriptors[local], dtype=np.float32))
+            kept.append(order[in_file])
             del descriptors
         if not parts:
             return np.zeros((0, self.dim), np.float32)
-        return np.concatenate(parts)
+        rows, positions = np.concatenate(parts), np.concatenate(kept)
+        return rows[np.argsort(positions, kind="stable")]  # back to the caller's order
 
 
 def _descriptor_header(path: pathlib.Path) -> tuple[tuple[int, ...], np.dtype]:

@@ -84,6 +84,8 @@ def test_descriptor_files_reads_headers_blocks_and_samples(shards):
     assert max(len(b[0]) for b in blocks) <= 16
     # Gathering a sample skips the unreadable rows (55 and 60).
     np.testing.assert_array_equal(files.gather([3, 55, 50, 60, 100]), rows[[3, 50, 100]])
+    # Unsorted ids across files come back in the caller's order, not file order.
+    np.testing.assert_array_equal(files.gather([100, 55, 3, 95, 50]), rows[[100, 3, 95, 50]])
 
 
 @pytest.mark.parametrize("rows_per_part", [None, 25])
