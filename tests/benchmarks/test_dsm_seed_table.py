@@ -101,7 +101,11 @@ SETTINGS = {
 }
 
 
-@pytest.mark.parametrize("name", list(SETTINGS))
+@pytest.mark.parametrize(
+    "name",
+    # 11-14 s each: the published variant is slow, "distinct" runs in CI.
+    [pytest.param(n, marks=pytest.mark.slow) if n == "published" else n for n in SETTINGS],
+)
 def test_dsm_rankings_equal_rerank_lib(name):
     settings = SETTINGS[name]
     extractor, descriptors, paths = _synthetic_set()

@@ -235,6 +235,7 @@ def test_delf_rerank_and_verified_query_expansion():
         rerank_lib.delf_ranks("dsm", globals_q, globals_db, None, None)
 
 
+@pytest.mark.slow  # 16 s; benchmark-level table, the re-ranking itself is tested in CI
 def test_run_table_on_a_small_set(shared_data, tmp_path):
     out = tmp_path / "table.json"
     results = delf_lib.run_table(

@@ -82,6 +82,7 @@ def test_errors(problem):
         )  # fmt: skip
 
 
+@pytest.mark.slow  # 19 s; the library path runs in CI
 def test_evaluate_cli_reranks_with_cam_regions(shared_data):
     results = evaluate.main(
         ["--data-root", str(shared_data / "landmarks_mini"), "--max-side", "64"]

@@ -257,6 +257,7 @@ def test_local_features_crop_to_the_query_boxes(tmp_path):
         rerank_lib.local_features([path, path], _ShapeRecorder(), boxes=[None])
 
 
+@pytest.mark.slow  # 27 s; the default-settings twin runs in CI
 def test_published_dsm_also_fixes_the_wrong_ranking(leuven_and_bikes):
     """The authors' settings (scale pairs verified apart, per-channel budgets, NMS on the
     database only) through the same re-ranking, at a small size."""

@@ -28,6 +28,7 @@ def _per_channel_scale(features):
     return counts
 
 
+@pytest.mark.slow  # 12 s on real photos
 def test_published_extractor_selects_queries_and_database_images_differently(
     mobilenet, shared_data
 ):
