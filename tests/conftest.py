@@ -6,20 +6,9 @@ raised rank promotion catch silent upcasts and accidental broadcasting (equinox'
 
 import os
 import pathlib
-import tempfile
 
 # Four CPU devices for the sharding tests (DESIGN.md decision 4). Must precede jax import.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
-# One persistent compilation cache for the whole run: both pytest workers and every CLI
-# subprocess a test starts compile the same networks at the same shapes, and compiling is
-# most of the suite's CPU time. Entries are keyed by the computation, the jax/jaxlib
-# version and the XLA flags, so a stale entry is never used; set the variable to move it.
-os.environ.setdefault(
-    "JAX_COMPILATION_CACHE_DIR",
-    str(pathlib.Path(tempfile.gettempdir()) / f"jaxretrieval-tests-jax-cache-{os.getuid()}"),
-)
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.1")
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
