@@ -173,15 +173,18 @@ class MemoizedDSMExtractor:
 
     def __init__(self, extractor: DSMFeatureExtractor):
         self.extractor = extractor
-        self._features: dict[tuple[tuple[int, ...], bytes], LocalFeatures] = {}
+        self._features: dict[tuple[tuple[int, ...], bytes, bool], LocalFeatures] = {}
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.extractor, name)  # load, check_size, feature_stride, ...
 
-    def __call__(self, image: np.ndarray) -> LocalFeatures:
-        key = (image.shape, hashlib.blake2b(image.tobytes(), digest_size=16).digest())
+    def __call__(self, image: np.ndarray, *, as_query: bool = False) -> LocalFeatures:
+        # The role is part of the key: the published settings select query and database
+        # features differently (DSMFeatureExtractor.__call__).
+        digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
+        key = (image.shape, digest, as_query)
         if key not in self._features:
-            self._features[key] = self.extractor(image)
+            self._features[key] = self.extractor(image, as_query=as_query)
         return self._features[key]
 
 
