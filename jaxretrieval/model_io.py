@@ -201,7 +201,8 @@ def _load(path: str | os.PathLike, kind: str, parse) -> tuple[Any, dict[str, Any
     except (KeyError, TypeError, ValueError) as e:
         raise ModelDirectoryError(f"{directory / MODEL_FILE}: bad model description ({e})") from e
     try:
-        variables = ocp.StandardCheckpointer().restore(directory / VARIABLES_DIR)
+        # orbax refuses relative paths; users pass checkpoints/<name> from the repo root.
+        variables = ocp.StandardCheckpointer().restore((directory / VARIABLES_DIR).absolute())
     except Exception as e:  # orbax raises several types for missing or corrupt files
         raise ModelDirectoryError(
             f"cannot read the variables in {directory / VARIABLES_DIR} ({type(e).__name__}: {e})"

@@ -91,6 +91,17 @@ def test_training_work_directory_resolves_to_its_export(tmp_path):
     assert loaded_config == config
 
 
+def test_a_relative_path_loads(tmp_path, monkeypatch):
+    """`--checkpoint checkpoints/<name>` from the repository root (orbax wants absolute)."""
+    config = ModelConfig()
+    variables = retrieval_model.init_model_variables(config)
+    model_io.save_model(tmp_path / "checkpoints" / "mine", config, variables)
+    monkeypatch.chdir(tmp_path)
+    loaded_config, loaded = model_io.load_model("checkpoints/mine")
+    assert loaded_config == config
+    assert model_io.variables_digest(loaded) == model_io.variables_digest(variables)
+
+
 def test_bad_model_directories_are_named(tmp_path):
     with pytest.raises(model_io.ModelDirectoryError, match="does not exist"):
         model_io.load_model(tmp_path / "nowhere")
