@@ -144,6 +144,11 @@ def write_json(path: str | None, results: dict[str, Any]) -> None:
 def pretrained_extraction(max_side: int, backbone: str = "mobilenet_v2") -> evaluate_lib.ExtractFn:
     """GeM descriptors of the backbone's ImageNet weights, each list extracted once."""
     extractor = extraction.Extractor.pretrained(ModelConfig(backbone=backbone, max_side=max_side))
+    return extractor_extraction(extractor)
+
+
+def extractor_extraction(extractor: extraction.Extractor) -> evaluate_lib.ExtractFn:
+    """``extractor``'s descriptors (any model, e.g. a checkpoint's), each list extracted once."""
     return memoized_extraction(evaluate_lib.cached_extraction(extractor, progress=False))
 
 

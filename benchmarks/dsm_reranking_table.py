@@ -159,9 +159,7 @@ def main(argv=None):
         global_extractor = extraction.Extractor(
             model, variables, extraction.ExtractionSettings(max_side=args.max_side)
         )
-        extract = common.memoized_extraction(
-            evaluate_lib.cached_extraction(global_extractor, progress=False)
-        )
+        extract = common.extractor_extraction(global_extractor)
         dsm_features = DSMFeatureExtractor(model, variables, pad_multiple=64)
         args.backbone = f"{model.backbone} from {args.checkpoint}"
     else:
