@@ -187,6 +187,42 @@ def test_checkpoint_round_trip_and_latest(tmp_path):
         empty.restore(train_state)
 
 
+def test_saving_a_replicated_state_compiles_nothing(tmp_path):
+    """Data-parallel parameters sit on every device; saving them must not compile a
+    slice per replica (orbax's replica-parallel default: ~170 compilations, 7-9 s, at a
+    MobileNetV2 run's first save), and they must come back replicated."""
+    from jax import monitoring
+
+    mesh = sharding.data_mesh()
+    assert mesh.size == 4
+    replicated = sharding.replicated(mesh)
+    rng = np.random.default_rng(0)
+    state = {
+        "kernel": jax.device_put(rng.normal(size=(3, 3, 8, 16)).astype(np.float32), replicated),
+        "bias": jax.device_put(np.arange(16, dtype=np.float32), replicated),
+        "step": jax.device_put(np.int32(7), replicated),
+    }
+    compilations = []
+
+    def listener(event, duration, **kwargs):
+        if event.endswith("backend_compile_duration"):
+            compilations.append(event)
+
+    monitoring.register_event_duration_secs_listener(listener)
+    try:
+        checkpointer = checkpointing.Checkpointer(tmp_path)
+        checkpointer.save(1, state, force=True)
+        checkpointer.wait_until_finished()
+    finally:
+        monitoring.unregister_event_duration_listener(listener)
+    assert compilations == []
+    restored = checkpointer.restore(state)
+    checkpointer.close()
+    for name, value in state.items():
+        assert restored[name].sharding.is_equivalent_to(replicated, value.ndim)
+        np.testing.assert_array_equal(restored[name], value)
+
+
 def test_losses_reach_the_library_functions():
     """The tuple adapter passes its keyword arguments to the loss."""
     rng = np.random.default_rng(0)
