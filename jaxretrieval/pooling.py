@@ -441,14 +441,13 @@ def darac_regional(
     means = (
         jnp.einsum("brhw,bhwc->brc", weights, features, precision=lax.Precision.HIGHEST) / counts
     )  # (B, R, C)
-    # One masked max per region keeps memory at one feature map (R x that for a vmap).
-    maxima = jnp.stack(
-        [
-            jnp.max(jnp.where(masks[:, r, :, :, None], features, -jnp.inf), axis=(1, 2))
-            for r in range(masks.shape[1])
-        ],
-        axis=1,
-    )  # (B, R, C)
+    # One masked max per region keeps memory at one feature map (R x that for a vmap);
+    # lax.map compiles the body once instead of R unrolled copies (half the compile time).
+    maxima = lax.map(
+        lambda mask: jnp.max(jnp.where(mask[..., None], features, -jnp.inf), axis=(1, 2)),
+        jnp.moveaxis(masks, 1, 0),
+    )  # (R, B, C)
+    maxima = jnp.moveaxis(maxima, 0, 1)  # (B, R, C)
     maxima = maxima / (_safe_norm(maxima) + eps)
     means = means / (_safe_norm(means) + eps)
     return jnp.concatenate([maxima, means], axis=-1)  # (B, R, 2C)

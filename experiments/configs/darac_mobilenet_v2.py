@@ -21,8 +21,9 @@ training canvas, so most images are smaller) costs about 28 forward passes per s
 (4 tuples of 1 + 1 + 5 images), no backward pass through the backbone, about 5-7 s per
 step measured. Hence 3 epochs (300 steps, 3 minings of ~660 images, 3 validations), not
 the backbone runs' 6: roughly 30-40 minutes per loss; 42 weights at a learning rate of
-1e-2 settle within that (the curves are in RESULTS.md). Expected metric: validation mAP on the held-out smvs_train scenes
-in ``metrics.jsonl``; the test-set numbers are benchmarks/darac_table.py's.
+1e-2 settle within that (the curves are in RESULTS.md). Expected metric: validation mAP
+on the held-out smvs_train scenes in ``metrics.jsonl``; the test-set numbers are
+benchmarks/darac_table.py's.
 
 Validation: 10% of smvs_train's scenes are held out (never an evaluation set).
 """
