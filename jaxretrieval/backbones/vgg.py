@@ -231,7 +231,8 @@ def load_lpips_vgg16(path: str | os.PathLike) -> dict:
     """
     path = os.fspath(path)
     checkpoint = safe_pickle.load_data_pickle(path)
-    return jax.tree.map(jnp.asarray, convert_lpips_vgg16(checkpoint, source=path))
+    # device_put, not jnp.asarray: the latter compiles a conversion per leaf shape.
+    return jax.tree.map(jax.device_put, convert_lpips_vgg16(checkpoint, source=path))
 
 
 def load_vgg16(path: str | os.PathLike | None = None, *, include_classifier: bool = False) -> dict:

@@ -138,7 +138,7 @@ def init_train_state(
 ) -> TrainState:
     """A step-0 state for ``variables`` (host arrays are fine; place it afterwards)."""
     trainable_params, frozen = split_variables(variables, trainable)
-    trainable_params = jax.tree.map(jax.numpy.asarray, trainable_params)
+    trainable_params = jax.tree.map(jax.device_put, trainable_params)  # no per-shape compile
     return TrainState(
         step=jax.numpy.zeros((), jax.numpy.int32),
         trainable=trainable_params,
