@@ -76,7 +76,8 @@ def test_every_loss_config_builds_a_finite_loss(loss):
 
 def test_killed_run_resumes_to_the_same_parameters(tmp_path):
     """SIGKILL mid-run, then re-run: same final parameters as an uninterrupted run."""
-    overrides = {"mining.num_tuples": 24, "eval.every_steps": 100, "checkpoint.every_steps": 2}
+    # 16 tuples of batch 4: 4 steps, checkpoints at 2 and 4; killed after the first.
+    overrides = {"mining.num_tuples": 16, "eval.every_steps": 100, "checkpoint.every_steps": 2}
     reference = tmp_path / "reference"
     train_lib.train_and_evaluate(_config(**overrides), reference)
     killed = tmp_path / "killed"
@@ -86,15 +87,15 @@ def test_killed_run_resumes_to_the_same_parameters(tmp_path):
         argv, cwd=REPO, env={**os.environ}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.monotonic() + 300
-    while not (killed / "checkpoints" / "4").is_dir():
+    while not (killed / "checkpoints" / "2").is_dir():
         assert process.poll() is None, "the run ended before it could be killed"
-        assert time.monotonic() < deadline, "no checkpoint 4 after 300 s"
+        assert time.monotonic() < deadline, "no checkpoint 2 after 300 s"
         time.sleep(0.2)
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (killed / "model").exists()  # it really was cut off
     result = train_lib.train_and_evaluate(_config(**overrides), killed)
-    assert result["step"] == 6
+    assert result["step"] == 4
     _, expected = model_io.load_model(reference)
     _, resumed = model_io.load_model(killed)
     jax.tree.map(
