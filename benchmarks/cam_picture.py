@@ -69,9 +69,19 @@ def draw(proposals: dict, out: pathlib.Path) -> pathlib.Path:
         ax.set_axis_off()
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=110)
+    fig.savefig(out, dpi=82)
     plt.close(fig)
+    _quantize(out)
     return out
+
+
+def _quantize(path: pathlib.Path, colors: int = 192) -> None:
+    """Rewrites the PNG with a palette: ~8x smaller for the repository, same look."""
+    from PIL import Image  # matplotlib's own dependency
+
+    with Image.open(path) as image:
+        palette = image.convert("RGB").quantize(colors=colors, method=Image.Quantize.MEDIANCUT)
+    palette.save(path, optimize=True)
 
 
 def main(argv=None) -> pathlib.Path:
