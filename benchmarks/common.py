@@ -183,14 +183,25 @@ class MemoizedDSMExtractor:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.extractor, name)  # load, check_size, feature_stride, ...
 
-    def __call__(self, image: np.ndarray, *, as_query: bool = False) -> LocalFeatures:
+    @staticmethod
+    def _key(image: np.ndarray, as_query: bool) -> tuple[tuple[int, ...], bytes, bool]:
         # The role is part of the key: the published settings select query and database
         # features differently (DSMFeatureExtractor.__call__).
-        digest = hashlib.blake2b(image.tobytes(), digest_size=16).digest()
-        key = (image.shape, digest, as_query)
+        return image.shape, hashlib.blake2b(image.tobytes(), digest_size=16).digest(), as_query
+
+    def __call__(self, image: np.ndarray, *, as_query: bool = False) -> LocalFeatures:
+        key = self._key(image, as_query)
         if key not in self._features:
             self._features[key] = self.extractor(image, as_query=as_query)
         return self._features[key]
+
+    def query_and_database_features(self, image: np.ndarray) -> tuple[LocalFeatures, LocalFeatures]:
+        """Both roles (leave-one-out), one pass when either is missing; shares the split's."""
+        keys = self._key(image, True), self._key(image, False)
+        if any(key not in self._features for key in keys):
+            roles = self.extractor.query_and_database_features(image)
+            self._features.update(zip(keys, roles, strict=True))
+        return self._features[keys[0]], self._features[keys[1]]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -2,6 +2,7 @@ import cv2
 import numpy as np
 import pytest
 
+from benchmarks import common
 from experiments import rerank_lib
 from jaxretrieval import diffusion, query_expansion, search
 from jaxretrieval.data import images as image_io
@@ -43,39 +44,6 @@ def test_rerankings_are_permutations_that_keep_clusters_on_top(method):
         assert np.mean(labels[ranks[q, :6]] == query_labels[q]) >= 5 / 6
 
 
-class _MemoizedDSMExtractor:
-    """The DSM extractor, each image's features computed once per test module.
-
-    The re-ranking tests below run ``dsm`` and ``dsm+diffusion`` over the same five
-    photos; the features themselves are tested in tests/spatial_verification. Keyed by
-    the pixels, so a different crop or size is a different entry.
-    """
-
-    def __init__(self, extractor: DSMFeatureExtractor):
-        self._extractor = extractor
-        self._cache: dict[tuple, object] = {}
-        self.calls = 0
-
-    def __getattr__(self, name):  # load, check_size, scales, feature_stride, ...
-        return getattr(self._extractor, name)
-
-    def _memo(self, kind, image, compute):
-        key = (kind, image.shape, image.dtype.str, hash(image.tobytes()))
-        if key not in self._cache:
-            self.calls += 1
-            self._cache[key] = compute()
-        return self._cache[key]
-
-    def __call__(self, image, *, as_query=False):
-        return self._memo(
-            ("one", as_query), image, lambda: self._extractor(image, as_query=as_query)
-        )
-
-    def query_and_database_features(self, image):
-        compute = lambda: self._extractor.query_and_database_features(image)  # noqa: E731
-        return self._memo("both", image, compute)
-
-
 @pytest.fixture(scope="module")
 def leuven_and_bikes(shared_data):
     """Query leuven 1; database: bikes 1, leuven 2, bikes 2, leuven 3 (true: 1 and 3)."""
@@ -91,7 +59,9 @@ def leuven_and_bikes(shared_data):
     database_descriptors /= np.linalg.norm(database_descriptors, axis=1, keepdims=True)
     query_descriptors = (0.9 * bikes + 0.44 * leuven)[None]
     query_descriptors /= np.linalg.norm(query_descriptors)
-    extractor = _MemoizedDSMExtractor(DSMFeatureExtractor.pretrained(pad_multiple=64))
+    # Each photo's features once for the module: the tests below run dsm and dsm+diffusion
+    # over the same images (the features themselves are tested in spatial_verification).
+    extractor = common.MemoizedDSMExtractor(DSMFeatureExtractor.pretrained(pad_multiple=64))
     return query, database, query_descriptors, database_descriptors, extractor
 
 
