@@ -3,9 +3,10 @@
   python -m tests.hardening.extraction_driver --images DIR --out FILE.npz
 
 Prints ``extracted <n>`` for every chunk it computes and ``saved <n>`` after every
-atomic save of its progress (then pauses briefly, so a test's signal lands between two
-saves as easily as during one), through ``experiments.cli.run`` exactly as the CLIs do:
-Ctrl-C exits with status 130 and one line.
+atomic save of its progress. After the first save that reaches ``--hold-at`` images it
+waits (up to two minutes) for the test's signal, so the signal lands between two saves
+however slowly the test reads this output on a loaded machine. Runs through
+``experiments.cli.run`` exactly as the CLIs do: Ctrl-C exits with status 130 and one line.
 """
 
 import argparse
@@ -23,7 +24,7 @@ def main(argv=None) -> extraction.ExtractionResult:
     parser = argparse.ArgumentParser()
     parser.add_argument("--images", required=True)
     parser.add_argument("--out", required=True)
-    parser.add_argument("--pause", type=float, default=0.3)
+    parser.add_argument("--hold-at", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     save, extract_chunk = extraction.save_descriptors, extraction.Extractor._extract_chunk
@@ -31,7 +32,8 @@ def main(argv=None) -> extraction.ExtractionResult:
     def save_and_report(path, result, key):
         save(path, result, key)
         print(f"saved {len(result.paths)}", flush=True)
-        time.sleep(args.pause)
+        if args.hold_at is not None and len(result.paths) >= args.hold_at:
+            time.sleep(120)  # the test signals this process now
 
     def extract_and_report(self, paths, *rest):
         result = extract_chunk(self, paths, *rest)

@@ -47,10 +47,10 @@ def test_every_cli_survives_every_case(outcomes):
 class _Driver:
     """``python -m tests.hardening.extraction_driver`` with its stdout read line by line."""
 
-    def __init__(self, images: pathlib.Path, out: pathlib.Path):
+    def __init__(self, images: pathlib.Path, out: pathlib.Path, hold_at: int):
         self.process = subprocess.Popen(
             [sys.executable, "-m", "tests.hardening.extraction_driver"]
-            + ["--images", str(images), "--out", str(out)],
+            + ["--images", str(images), "--out", str(out), "--hold-at", str(hold_at)],
             cwd=REPO_ROOT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
             stdout=subprocess.PIPE,
@@ -95,7 +95,7 @@ def test_an_interrupted_extraction_resumes_without_recomputing(tmp_path, monkeyp
     out = tmp_path / "descriptors.npz"
     partial = out.with_name(out.name + ".partial.npz")
 
-    first = _Driver(images, out)
+    first = _Driver(images, out, hold_at=8)
     first.wait_for_saves(8)
     first.process.send_signal(signal.SIGINT)
     code, _, stderr = first.finish()
@@ -109,7 +109,7 @@ def test_an_interrupted_extraction_resumes_without_recomputing(tmp_path, monkeyp
     assert saved is not None and 8 <= len(saved.paths) < 24
     assert not out.exists()
 
-    second = _Driver(images, out)
+    second = _Driver(images, out, hold_at=len(saved.paths) + 4)
     second.wait_for_saves(len(saved.paths) + 4)
     second.process.kill()  # SIGKILL: no handler, no cleanup
     code, _, _ = second.finish()
