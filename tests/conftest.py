@@ -7,8 +7,11 @@ raised rank promotion catch silent upcasts and accidental broadcasting (equinox'
 import os
 import pathlib
 
-# Four CPU devices for the sharding tests (DESIGN.md decision 4). Must precede jax import.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
+from tests.xla_flags import xla_flags
+
+# Four CPU devices for the sharding tests (DESIGN.md decision 4), and the compile settings
+# of tests/xla_flags.py. Must precede jax import.
+os.environ.setdefault("XLA_FLAGS", xla_flags(4))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from jaxretrieval import model_io, sharding
+from tests.xla_flags import xla_flags
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_SECONDS = 400
@@ -32,7 +33,7 @@ def _free_port() -> int:
 def _environment(devices: int, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JAX_")}
     env.update(
-        XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+        XLA_FLAGS=xla_flags(devices),
         JAX_PLATFORMS="cpu",
         PYTHONPATH=str(REPO),
         **extra,

@@ -13,6 +13,8 @@ import sys
 
 import pytest
 
+from tests.xla_flags import xla_flags
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "experiments" / "notebooks" / "quickstart.ipynb"
 CELL_TIMEOUT_SECONDS = 300
@@ -63,7 +65,7 @@ def test_notebook_runs_top_to_bottom_in_small_mode(shared_data, tmp_path):
         JAXRETRIEVAL_NOTEBOOK_OUT=str(tmp_path / "out"),
         JAXRETRIEVAL_SHARED_DATA=str(shared_data),
         JAX_PLATFORMS="cpu",
-        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        XLA_FLAGS=xla_flags(2),
         MPLBACKEND="Agg",
     )
     manager = KernelManager(
