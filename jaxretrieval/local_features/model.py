@@ -23,6 +23,7 @@ See :mod:`.receptive_field` for the computation.
 """
 
 import dataclasses
+import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
@@ -206,13 +207,20 @@ def make_delf_model(config: DelfConfig, **backbone_kwargs: Any) -> DelfModel:
 
 def feature_channels(config: DelfConfig) -> int:
     """Channels C of the local-descriptor map (from shapes only, nothing computed)."""
+    return _feature_channels(config.backbone, config.feature_name)
+
+
+@functools.cache  # tracing a whole backbone's init costs ~1 s; extractors ask repeatedly
+def _feature_channels(backbone: str, feature_name: str) -> int:
     shapes = jax.eval_shape(
-        lambda: config.spec.module().init_with_output(
-            jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32)
+        lambda: (
+            backbones.BACKBONES[backbone]
+            .module()
+            .init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
         )
     )
     (_, maps), _ = shapes
-    return int(maps[config.feature_name].shape[-1])
+    return int(maps[feature_name].shape[-1])
 
 
 def init_delf_variables(
