@@ -10,6 +10,9 @@ big_vision style.
 """
 
 import dataclasses
+import functools
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -264,17 +267,28 @@ def _feature_stride(config: ModelConfig) -> int:
     if name == spec.feature_name:
         return spec.feature_stride
     size = 256  # a multiple of every backbone's total stride: the ratio is exact
-    shapes = jax.eval_shape(
-        lambda: spec.module().init_with_output(
-            jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
-        )
-    )
-    (_, features), _ = shapes
+    features = feature_map_shapes(config.backbone, size)
     if name not in features:
         raise ValueError(
             f"{config.backbone} has no feature map {name!r}; it has {sorted(features)}."
         )
-    return size // features[name].shape[1]
+    return size // features[name][1]
+
+
+@functools.cache  # tracing a whole backbone's init costs ~1 s; models and extractors ask often
+def feature_map_shapes(backbone: str, size: int = 256) -> Mapping[str, tuple[int, ...]]:
+    """Shape ``(1, h, w, C)`` of each feature map of ``backbone`` on one size x size image.
+
+    From shapes only (``jax.eval_shape``), nothing computed.
+    """
+    module = backbones.BACKBONES[backbone].module()
+    (_, features), _ = jax.eval_shape(
+        lambda: module.init_with_output(
+            jax.random.key(0), jnp.zeros((1, size, size, 3), jnp.float32)
+        )
+    )
+    # Read-only: the cache hands the same mapping to every caller.
+    return types.MappingProxyType({name: tuple(x.shape) for name, x in features.items()})
 
 
 def init_model_variables(config: ModelConfig, *, weights_path: str | None = None) -> dict[str, Any]:

@@ -23,12 +23,10 @@ See :mod:`.receptive_field` for the computation.
 """
 
 import dataclasses
-import functools
 from typing import Any, ClassVar
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from jaxretrieval import backbones, layers, pooling, retrieval_model
@@ -207,20 +205,7 @@ def make_delf_model(config: DelfConfig, **backbone_kwargs: Any) -> DelfModel:
 
 def feature_channels(config: DelfConfig) -> int:
     """Channels C of the local-descriptor map (from shapes only, nothing computed)."""
-    return _feature_channels(config.backbone, config.feature_name)
-
-
-@functools.cache  # tracing a whole backbone's init costs ~1 s; extractors ask repeatedly
-def _feature_channels(backbone: str, feature_name: str) -> int:
-    shapes = jax.eval_shape(
-        lambda: (
-            backbones.BACKBONES[backbone]
-            .module()
-            .init_with_output(jax.random.key(0), jnp.zeros((1, 64, 64, 3), jnp.float32))
-        )
-    )
-    (_, maps), _ = shapes
-    return int(maps[feature_name].shape[-1])
+    return retrieval_model.feature_map_shapes(config.backbone)[config.feature_name][-1]
 
 
 def init_delf_variables(
