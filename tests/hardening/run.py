@@ -268,16 +268,16 @@ def run_corpus(workdir: str | pathlib.Path) -> list[Outcome]:
     outcomes.append(_single(run, "search --checkpoint", "nan_descriptors", "NaN or infinite"))
 
     # match: every image against the good one (DSM and DELF), and each bad one as query.
+    # Both methods get every bad image and a sample of the odd readable ones (DSM's MSER
+    # costs ~2 s per image; DELF compiles its pyramid for every new shape bucket, 20 s for
+    # them all). Both decode through the global CLIs' path, which gets all.
+    want = {
+        n: ("skip" if n == "one_pixel.png" else e)
+        for n, e in expected.items()
+        if n != corpus_lib.GOOD and (e == "skip" or n in MATCH_SAMPLE)
+    }
+    others = [str(images / n) for n in want]
     for method in ("dsm", "delf"):
-        # Each method gets every bad image and a sample of the odd readable ones (DSM's
-        # MSER costs ~2 s per image; DELF compiles its pyramid for every new shape bucket,
-        # 20 s for them all). Both decode through the global CLIs' path, which gets all.
-        want = {
-            n: ("skip" if n == "one_pixel.png" else e)
-            for n, e in expected.items()
-            if n != corpus_lib.GOOD and (e == "skip" or n in MATCH_SAMPLE)
-        }
-        others = [str(images / n) for n in want]
         argv = [str(images / corpus_lib.GOOD), *others, "--out", str(out / "m.png")]
         argv += ["--method", method, "--max-side", MATCH_MAX_SIDE]
         run = run_cli(match, "match", argv)
