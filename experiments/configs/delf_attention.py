@@ -22,8 +22,7 @@ scenes, trained with cross-entropy (label smoothing 0.1). The backbone is frozen
 the head reads it through stop_gradient). Images are rescaled by U[0.5, 1] so that the
 attention sees objects at several sizes, as the paper's random rescaling does.
 
-Hardware: 2 CPU cores. Expected: about 10-15 minutes (15 epochs, forward-only
-backbone). Validation: accuracy of the attention classifier on the 50 held-out photos;
+Hardware: 2 CPU cores. 6 epochs (516 steps, forward-only backbone). Validation: accuracy of the attention classifier on the 50 held-out photos;
 untuned settings, no measured run yet.
 """
 
@@ -43,7 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.first_trainable = None  # unused: the backbone is frozen
     config.data.augment.min_scale = 0.5
     config.data.augment.crop_fraction = 1.0
-    config.optim.num_epochs = 15
+    config.optim.num_epochs = 6
     config.optim.learning_rate = 1e-3
     config.optim.warmup_steps = 50
     if arg == "smoke":
