@@ -26,7 +26,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from jaxretrieval.array_types import AnyArray, Array, Float
-from jaxretrieval.backbones import weights
+from jaxretrieval.backbones import depthwise, weights
 from jaxretrieval.backbones.base import Backbone, BatchNormOptions
 
 # (expansion t, output channels c, repeats n, first stride s), torchvision's table.
@@ -100,17 +100,29 @@ class ConvBN(ConvBNOptions):
         if padding == "symmetric":
             pad = self.kernel_dilation * (self.kernel_size // 2)
             padding = ((pad, pad), (pad, pad))
-        x = nn.Conv(
-            self.features,
-            (self.kernel_size, self.kernel_size),
-            strides=self.strides,
-            padding=padding,
-            kernel_dilation=self.kernel_dilation,
-            feature_group_count=self.groups,
-            use_bias=False,
-            dtype=self.dtype,
-            name="conv",
-        )(x)
+        if self.groups > 1 and self.groups == self.features == x.shape[-1]:
+            # Depthwise: the same parameter as nn.Conv's, ~10x faster on XLA:CPU.
+            x = depthwise.DepthwiseConv(
+                self.features,
+                self.kernel_size,
+                strides=self.strides,
+                padding=padding,
+                kernel_dilation=self.kernel_dilation,
+                dtype=self.dtype,
+                name="conv",
+            )(x)
+        else:
+            x = nn.Conv(
+                self.features,
+                (self.kernel_size, self.kernel_size),
+                strides=self.strides,
+                padding=padding,
+                kernel_dilation=self.kernel_dilation,
+                feature_group_count=self.groups,
+                use_bias=False,
+                dtype=self.dtype,
+                name="conv",
+            )(x)
         x = nn.BatchNorm(
             use_running_average=self.freeze_batch_stats or not train,
             momentum=self.bn_momentum,
