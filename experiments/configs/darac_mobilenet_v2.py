@@ -18,12 +18,13 @@ learning rate is 1e-2.
 
 Hardware: 2 CPU cores. Training at 299 px (the poster's smallest test resolution; the
 training canvas, so most images are smaller) costs about 28 forward passes per step
-(4 tuples of 1 + 1 + 5 images), no backward pass through the backbone, about 5-7 s per
-step measured. Hence 3 epochs (300 steps, 3 minings of ~660 images, 3 validations), not
-the backbone runs' 6: roughly 30-40 minutes per loss; 42 weights at a learning rate of
-1e-2 settle within that (the curves are in RESULTS.md). Expected metric: validation mAP
-on the held-out smvs_train scenes in ``metrics.jsonl``; the test-set numbers are
-benchmarks/darac_table.py's.
+(4 tuples of 1 + 1 + 5 images), no backward pass through the backbone. 3 epochs (300
+steps, 3 minings of ~660 images, 3 validations), not the backbone runs' 6. Measured
+(2026-12-02): triplet 7 minutes at 1.3-2 s per step (after the depthwise-convolution
+fix, sharing the cores with another run); NRA took 2 h 40 min at 5-10 s per step on the
+code before that fix. Validation mAP on the held-out smvs_train scenes (``metrics.jsonl``):
+triplet 0.751 / 0.762 / 0.763 after epochs 1-3; NRA 0.693 / 0.552 / 0.583. The test-set
+numbers are benchmarks/darac_table.py's (README).
 
 Validation: 10% of smvs_train's scenes are held out (never an evaluation set).
 """
