@@ -14,10 +14,12 @@ smvs_train (293 classes, 736 photos), trained with softmax cross-entropy and lab
 smoothing 0.1; blocks 7-13 (everything at stride 16) train, earlier blocks and
 everything after the map stay frozen, BatchNorm statistics frozen.
 
-Hardware: 2 CPU cores. 6 epochs of 686 images at 224 px (516 steps of 8 images, 4-6 s
-each): about 45 minutes. Validation: accuracy on 50 held-out photos (one per 5-photo
-scene). Untuned settings: 30 epochs (2,550 steps, 3-4 hours here) were cut to 6 to fit
-a session; a cut-off 30-epoch run had reached 12% held-out accuracy at step 510.
+Hardware: 2 CPU cores. 6 epochs of 686 images at 224 px (510 steps of 8 images): 25
+minutes at 2-3 s per step (2026-12-02, before the depthwise-convolution fix, sharing the
+cores with another run). Validation: accuracy on 50 held-out photos (one per 5-photo
+scene): 0.06 / 0.06 / 0.08 after epochs 2, 4, 6 (chance 0.003). Untuned settings: 30
+epochs (2,550 steps, 3-4 hours on the old code) were cut to 6 to fit a session; a cut-off
+30-epoch run had reached 0.12 at step 510.
 """
 
 import ml_collections
