@@ -7,10 +7,14 @@ atomic save of its progress. After the first save that reaches ``--hold-at`` ima
 waits (up to two minutes) for the test's signal, so the signal lands between two saves
 however slowly the test reads this output on a loaded machine. Runs through
 ``experiments.cli.run`` exactly as the CLIs do: Ctrl-C exits with status 130 and one line.
+SIGINT gets Python's default handler back first: a test run started in the background of
+a non-interactive shell (``bash .ci/run &``) inherits SIGINT ignored, and the signal
+would then never reach the driver.
 """
 
 import argparse
 import logging
+import signal
 import sys
 import time
 
@@ -26,6 +30,7 @@ def main(argv=None) -> extraction.ExtractionResult:
     parser.add_argument("--out", required=True)
     parser.add_argument("--hold-at", type=int, default=None)
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # see the module docstring
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s", stream=sys.stderr)
     save, extract_chunk = extraction.save_descriptors, extraction.Extractor._extract_chunk
 
