@@ -26,8 +26,8 @@ attention sees objects at several sizes, as the paper's random rescaling does.
 Hardware: 2 CPU cores. 6 epochs (510 steps, forward-only backbone): 15 minutes
 (2026-12-02, sharing the cores with another run). Held-out accuracy of the attention
 classifier: 0.06 / 0.14 / 0.18 after epochs 2, 4, 6 on the stage-1 model; 0.02 on the
-ImageNet backbone (``attention_on_imagenet``, 7 minutes on the faster code). Validation: accuracy of the attention classifier on the 50 held-out photos;
-untuned settings, no measured run yet.
+ImageNet backbone (``attention_on_imagenet``, 7 minutes on the faster code). Validation
+is that accuracy on the 50 held-out photos; untuned settings.
 """
 
 import ml_collections
