@@ -134,11 +134,10 @@ def retrieval_table(args, models, delf_settings, rerank) -> tuple[str, dict]:
                 dataset, extract, delf, protocols=protocols, settings=rerank
             )
             per_set[model_name] = {k: v for k, v in out.items() if not k.endswith("_inliers")}
-            for protocol in protocols:
-                per_set[f"V+DELF ({model_name})"] = per_set.get(f"V+DELF ({model_name})", {})
-                per_set[f"V+DELF ({model_name})"][protocol] = out[f"{protocol}+delf"]
-                per_set[f"V+DELF+QE ({model_name})"] = per_set.get(f"V+DELF+QE ({model_name})", {})
-                per_set[f"V+DELF+QE ({model_name})"][protocol] = out[f"{protocol}+delf+qe"]
+            for method, label in (("delf", "V+DELF"), ("delf+qe", "V+DELF+QE")):
+                per_set[f"{label} ({model_name})"] = {
+                    protocol: out[f"{protocol}+{method}"] for protocol in protocols
+                }
             seconds = time.perf_counter() - tick
             print(f"{name} {model_name} ({seconds:.0f} s): {out['delf_features']}", flush=True)
         results["sets"][name] = per_set
@@ -158,7 +157,7 @@ def retrieval_table(args, models, delf_settings, rerank) -> tuple[str, dict]:
             f"{facts['bytes_per_image']:.0f} | {facts['seconds_per_image']:.2f} |"
         )
     sample = datasets.load_dataset(data / sets[0]).database_paths[:20]
-    dsm_bytes, dsm_seconds = dsm_bytes_and_seconds(
+    dsm_bytes, dsm_seconds = dsm_bytes_and_seconds(  # unmemoized: the memo would time nothing
         DSMFeatureExtractor.pretrained(pad_multiple=64), sample, dsm_settings.dsm_max_side
     )
     costs.append(

@@ -76,15 +76,9 @@ def depthwise_conv(
     (top, bottom), (left, right) = explicit_padding(
         padding, (height, width), size, strides, dilation
     )
-    padded = jnp.pad(
-        x, ((0, 0), (max(top, 0), max(bottom, 0)), (max(left, 0), max(right, 0)), (0, 0))
-    )
-    # Negative padding crops (lax semantics).
-    padded = padded[
-        :,
-        max(-top, 0) : padded.shape[1] - max(-bottom, 0),
-        max(-left, 0) : padded.shape[2] - max(-right, 0),
-    ]
+    # lax.pad crops where a padding is negative, as lax.conv_general_dilated does.
+    zero = jnp.zeros((), x.dtype)
+    padded = lax.pad(x, zero, ((0, 0, 0), (top, bottom, 0), (left, right, 0), (0, 0, 0)))
     extent = dilation * (size - 1) + 1
     out_h = (padded.shape[1] - extent) // strides + 1
     out_w = (padded.shape[2] - extent) // strides + 1
