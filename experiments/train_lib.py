@@ -385,8 +385,13 @@ def train_and_evaluate(
     train_step = step.make_train_step(task.batch_loss, optimizer, mesh=mesh)
 
     start_step = int(train_state.step)
+    devices = mesh.devices.size
     bar = tqdm(
-        total=total_steps, initial=start_step, desc="training", unit="step", disable=not is_chief
+        total=total_steps,
+        initial=start_step,
+        desc=f"training ({devices} {mesh.devices.flat[0].platform} device{'s' * (devices > 1)})",
+        unit="step",
+        disable=not is_chief,
     )
     last: dict[str, Any] = {}
     for epoch in range(start_step // steps_per_epoch, config.optim.num_epochs):

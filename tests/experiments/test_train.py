@@ -120,6 +120,25 @@ def test_config_overrides_are_type_checked(capsys):
     assert "--config missing.py: no such file" in capsys.readouterr().err
 
 
+def test_cpu_devices_split_the_step_over_one_host_device_per_core():
+    flags = "--xla_cpu_use_fusion_emitters=false"
+    count = "--xla_force_host_platform_device_count"
+    # auto: the most devices up to the cores that divide the batch.
+    assert train.cpu_device_flags(flags, "auto", 4, 2) == f"{flags} {count}=2"
+    assert train.cpu_device_flags("", "auto", 6, 4) == f"{count}=3"
+    assert train.cpu_device_flags(flags, "auto", 4, 1) == flags  # one core: unchanged
+    assert train.cpu_device_flags(flags, "auto", 5, 4) == flags  # a prime batch: unchanged
+    assert train.cpu_device_flags(f"{count}=4", "auto", 4, 2) == f"{count}=4"  # user's wins
+    assert train.cpu_device_flags("", "3", 6, 2) == f"{count}=3"
+    assert train.cpu_device_flags(f"{count}=2", "2", 4, 8) == f"{count}=2"
+    with pytest.raises(cli.CLIError, match="does not divide optim.batch_size=4"):
+        train.cpu_device_flags("", "3", 4, 2)
+    with pytest.raises(cli.CLIError, match="contradicts XLA_FLAGS"):
+        train.cpu_device_flags(f"{count}=4", "2", 4, 2)
+    with pytest.raises(cli.CLIError, match="expected 'auto' or a positive integer"):
+        train.cpu_device_flags("", "0", 4, 2)
+
+
 def test_fine_tune_on_an_unlabelled_folder(shared_data, tmp_path):
     """A folder of one's own photos: positives are random warps of each photo."""
     import shutil
