@@ -203,7 +203,15 @@ def main(argv=None) -> whitening_lib.LearnedModel:
         f"dimension {facts['dim']}, eps {facts['eps']:.3g} "
         f"({facts['eps_ratio']:.3g} x the pair covariance's mean eigenvalue)"
     )
-    model_io.save_model(args.out, learned.config, learned.variables, metadata=learned.metadata)
+    # Only what differs from the shipped ImageNet weights is written (the whitening, and a
+    # fine-tuned checkpoint's own layers): a VGG16 + Lw directory is 1 MB instead of 59.
+    model_io.save_model(
+        args.out,
+        learned.config,
+        learned.variables,
+        metadata=learned.metadata,
+        base=model_io.BASE_PRETRAINED,
+    )
     print(f"wrote {args.out} (use it with --checkpoint {args.out})")
     return learned
 

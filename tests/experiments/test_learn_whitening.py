@@ -217,6 +217,9 @@ def test_learn_whitening_cli_saves_a_model_that_applies_the_learned_whitening(
     assert facts["eps_ratio"] == pytest.approx(selection["chosen_ratio"], rel=1e-9)
     assert facts["eps"] == pytest.approx(facts["eps_ratio"] * facts["mean_pair_eigenvalue"])
     assert facts["base_model"] == {"backbone": "vgg16", "weights": "ImageNet"}
+    # Stored over the shipped ImageNet weights: the whitening only, no backbone layer.
+    assert model_io.read_model_file(first)["base"] == model_io.BASE_PRETRAINED
+    assert sum(f.stat().st_size for f in first.rglob("*") if f.is_file()) < 200_000
 
     # The second run starts from the first model: its whitening is dropped and replaced,
     # its image size (64) is kept, and the unwhitened training descriptors are reused.
