@@ -334,10 +334,9 @@ class Extractor:
                 chunk = slice(chunk_start, min(chunk_start + chunk_images, len(paths)))
                 parts.append(
                     self._extract_chunk(
-                        paths[chunk], boxes[chunk] if boxes else None, strict, decoders
+                        paths[chunk], boxes[chunk] if boxes else None, strict, decoders, bar
                     )
                 )
-                bar.update(len(parts[-1].paths))
                 if on_chunk is not None:
                     on_chunk(concatenate_results(parts))
         bar.close()
@@ -381,8 +380,12 @@ class Extractor:
         """Output dimension of each pooling (before whitening)."""
         return self._pooling_dims
 
-    def _extract_chunk(self, paths, boxes, strict, decoders) -> ExtractionResult:
-        """Decodes, buckets and runs one chunk of images; combines scales per image."""
+    def _extract_chunk(self, paths, boxes, strict, decoders, bar=None) -> ExtractionResult:
+        """Decodes, buckets and runs one chunk of images; combines scales per image.
+
+        ``bar`` (tqdm) advances as each image's last scale is computed, not once per chunk:
+        at 1024 px with exact sizes a chunk of 256 VGG16 images is half an hour of work.
+        """
         settings = self.settings
         num_scales = len(settings.scales)
         prepared = decoders.map(
@@ -392,12 +395,16 @@ class Extractor:
         valid = np.zeros(len(paths), bool)
         failures: list[tuple[str, str]] = []
         buckets: dict[tuple[int, int], list[tuple[int, int, np.ndarray]]] = {}
+        scales_left = np.zeros(len(paths), int)  # per image, until its descriptor is whole
         for index, item in enumerate(prepared):
             if isinstance(item, str):
                 failures.append((paths[index], item))
                 logger.debug("skipping unreadable image %s: %s", paths[index], item)
+                if bar is not None:
+                    bar.update(1)
                 continue
             valid[index] = True
+            scales_left[index] = len(item)
             for scale_index, image in enumerate(item):
                 key = self._bucket(image.shape[:2])
                 buckets.setdefault(key, []).append((index, scale_index, image))
@@ -414,6 +421,12 @@ class Extractor:
                 for name, descriptors in outputs.items():
                     for slot, (index, scale_index, _) in enumerate(batch):
                         per_scale[name][scale_index, index] = descriptors[slot]
+                if bar is not None:
+                    finished = [index for index, _, _ in batch]
+                    np.subtract.at(scales_left, finished, 1)
+                    completed = int(np.sum(scales_left[np.unique(finished)] == 0))
+                    if completed:
+                        bar.update(completed)
         by_pooling = {}
         for name, stacked in per_scale.items():
             exponent = self.gem_p if name == self.model.pooling else _pooling_exponent(name)

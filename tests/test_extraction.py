@@ -136,6 +136,39 @@ def test_multi_scale_extraction(photo_files):
     assert not np.allclose(result.descriptors, single.descriptors)
 
 
+def test_progress_advances_per_image_within_a_chunk(photo_files, tmp_path, monkeypatch):
+    """The bar moves as each image's last scale is done, unreadable images at once."""
+    counts = []
+
+    class RecordingBar:
+        def __init__(self, *, total, initial, **_):
+            self.total, self.n = total, initial
+
+        def update(self, n):
+            self.n += n
+            counts.append(self.n)
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(extraction, "tqdm", RecordingBar)
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"")
+    multi = pretrained(
+        extraction.ExtractionSettings(
+            max_side=64, scales=extraction.MULTI_SCALES, size_multiple=1, batch_size=1
+        )
+    )
+    photo = cv2.imread(photo_files[0])
+    square, wide = tmp_path / "square.png", tmp_path / "wide.png"
+    cv2.imwrite(str(square), cv2.resize(photo, (64, 64)))
+    cv2.imwrite(str(wide), cv2.resize(photo, (64, 40)))
+    multi([str(square), str(broken), str(wide)], chunk_images=256)  # one chunk
+    # The broken image first (decoding fails before anything runs), then one image at a
+    # time: the two photos' six scales are six shape buckets, run in order.
+    assert counts == [1, 2, 3]
+
+
 def test_second_run_reuses_saved_descriptors(extractor, photo_files, tmp_path, monkeypatch):
     cache = tmp_path / "cache" / "d.npz"
     first = extraction.extract_cached(extractor, photo_files, cache_file=cache, progress=False)
