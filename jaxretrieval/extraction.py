@@ -53,7 +53,15 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from jaxretrieval import layers, model_io, normalization, pooling, retrieval_model, sharding
+from jaxretrieval import (
+    jit_cache,
+    layers,
+    model_io,
+    normalization,
+    pooling,
+    retrieval_model,
+    sharding,
+)
 from jaxretrieval.data import images as image_io
 from jaxretrieval.retrieval_model import ModelConfig
 
@@ -414,6 +422,9 @@ class Extractor:
         }
         shapes = set()
         for (height, width), items in buckets.items():
+            # Buckets run once per chunk: dropping compiled shapes here recompiles none
+            # of this chunk's (exact sizes compile a shape per image; see jit_cache).
+            jit_cache.drop_compiled_if_full(self._kernel)
             for batch_start in range(0, len(items), self.batch_size):
                 batch = items[batch_start : batch_start + self.batch_size]
                 outputs = self._run_batch(batch, height, width)

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from jaxretrieval import extraction
+from jaxretrieval import extraction, jit_cache
 from jaxretrieval.data import images as image_io
 from jaxretrieval.retrieval_model import ModelConfig
 
@@ -167,6 +167,25 @@ def test_progress_advances_per_image_within_a_chunk(photo_files, tmp_path, monke
     # The broken image first (decoding fails before anything runs), then one image at a
     # time: the two photos' six scales are six shape buckets, run in order.
     assert counts == [1, 2, 3]
+
+
+def test_exact_sizes_keep_few_compiled_shapes_alive(photo_files, tmp_path, monkeypatch):
+    """Exact sizes compile a shape per image; old ones are dropped, results unchanged."""
+    photo = cv2.imread(photo_files[0])
+    paths = []
+    for width in (64, 60, 56, 52):
+        path = tmp_path / f"w{width}.png"
+        cv2.imwrite(str(path), cv2.resize(photo, (width, 48)))
+        paths.append(str(path))
+    exact = pretrained(extraction.ExtractionSettings(max_side=64, size_multiple=1, batch_size=1))
+    exact._kernel.clear_cache()
+    expected = exact(paths, progress=False).descriptors
+    assert jit_cache.live_executables(exact._kernel) == 4
+    monkeypatch.setattr(jit_cache, "MAX_LIVE_EXECUTABLES", 2)
+    exact._kernel.clear_cache()
+    result = exact(paths, progress=False)
+    assert jit_cache.live_executables(exact._kernel) <= 2
+    np.testing.assert_array_equal(result.descriptors, expected)
 
 
 def test_second_run_reuses_saved_descriptors(extractor, photo_files, tmp_path, monkeypatch):

@@ -20,7 +20,7 @@ import cv2
 import jax
 import numpy as np
 
-from jaxretrieval import backbones, retrieval_model
+from jaxretrieval import backbones, jit_cache, retrieval_model
 from jaxretrieval.data import images as image_io
 from jaxretrieval.retrieval_model import ModelConfig
 from jaxretrieval.spatial_verification.activation_regions import (
@@ -199,6 +199,8 @@ class DSMFeatureExtractor:
             padded = cv2.copyMakeBorder(
                 padded, 0, pad_h, 0, pad_w, cv2.BORDER_CONSTANT, value=self._pad_value
             )
+        # Without pad_multiple every image size is a new compiled shape (see jit_cache).
+        jit_cache.drop_compiled_if_full(self._forward)
         activations = np.asarray(self._forward(self._backbone_variables, padded[None])[0])
         if self.pad_multiple:
             stride = self.feature_stride

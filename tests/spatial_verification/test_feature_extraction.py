@@ -74,3 +74,20 @@ def test_extractor_options_and_settings(mobilenet):
     assert DSMFeatureExtractor(model, variables, settings=published).settings is published
     with pytest.raises(ValueError, match="pass either settings or max_features, scales"):
         DSMFeatureExtractor(model, variables, settings=published, scales=(1.0,), max_features=8)
+
+
+def test_activation_maps_keep_few_compiled_shapes_alive(mobilenet, monkeypatch):
+    """Every image size compiles a shape (no pad_multiple); old ones are dropped."""
+    from jaxretrieval import jit_cache
+
+    model, variables = mobilenet
+    extractor = DSMFeatureExtractor(model, variables, scales=(1.0,))
+    rng = np.random.default_rng(0)
+    images = [rng.uniform(0, 255, (160, 160 + 32 * i, 3)).astype(np.uint8) for i in range(3)]
+    expected = [extractor.activation_maps(image)[0][0] for image in images]
+    assert jit_cache.live_executables(extractor._forward) == 3
+    monkeypatch.setattr(jit_cache, "MAX_LIVE_EXECUTABLES", 2)
+    extractor._forward.clear_cache()
+    for image, activations in zip(images, expected, strict=True):
+        np.testing.assert_array_equal(extractor.activation_maps(image)[0][0], activations)
+        assert jit_cache.live_executables(extractor._forward) <= 2
