@@ -214,7 +214,9 @@ def main(argv=None):
         )  # fmt: skip
         return float(out.stdout.strip().splitlines()[-1])
 
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    from experiments import train  # the CLI's own core count: the row it runs
+
+    cores = train.usable_cores()
     torch_train = torch_images_per_second(args.size, args.steps, train=True)
     torch_extract = torch_images_per_second(args.size, args.steps, train=False)
     rows = [

@@ -13,7 +13,7 @@ one checkpoint interval. The exported model in <workdir>/model is what
 
 On a machine without an accelerator, each step is split over one XLA host device per core
 (--cpu-devices, default auto): one XLA:CPU device leaves a core idle through much of the
-backward pass, and two host devices on two cores train MobileNetV2 about 1.6x faster
+backward pass, and two host devices on two cores train MobileNetV2 1.4-1.6x faster
 (benchmarks/RESULTS.md, "Train step and extraction"). The result is the same data-parallel
 step (tested equal to one device); an XLA_FLAGS that already forces a device count wins.
 """
@@ -83,6 +83,13 @@ def _parse_like(current, parent, leaf, text):
 HOST_DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def cpu_device_flags(xla_flags: str, requested: str, batch_size: int, cores: int) -> str:
     """``XLA_FLAGS`` with the host device count ``--cpu-devices`` asks for.
 
@@ -150,9 +157,8 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
     config = load_config(args.config)
     apply_overrides(config, args.overrides)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     os.environ["XLA_FLAGS"] = cpu_device_flags(
-        os.environ.get("XLA_FLAGS", ""), args.cpu_devices, config.optim.batch_size, cores or 1
+        os.environ.get("XLA_FLAGS", ""), args.cpu_devices, config.optim.batch_size, usable_cores()
     )
     from experiments import train_lib  # Imported late: --help stays fast.
 
