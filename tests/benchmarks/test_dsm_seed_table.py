@@ -193,8 +193,16 @@ def test_table_rows_and_variants():
     assert len(labels) == len(set(labels))
     assert {row.seed_row for row in rows} == {None, *dsm_seed_table.SEED_ROXFORD_MEDIUM}
     distinct = [row for row in rows if row.settings.dsm_count_distinct]
-    assert [row.method for row in distinct] == ["dsm", "dsm+diffusion"]
+    assert [row.method for row in distinct] == ["dsm", "dsm+diffusion", "dsm+diffusion"]
     assert distinct[0].settings.dsm_min_inliers == 9 and distinct[0].features == "published"
+    # The small-graph fix changes the seed's diffusion graph and nothing else.
+    by_label = {row.label: row for row in rows}
+    seed_d = by_label["V+D (seed: k=50, 5 seeds, α=0.99)"].settings
+    small_d = by_label["V+D (fix: seed's 5 seeds, k=5, α=0.9)"].settings
+    assert small_d == dataclasses.replace(seed_d, graph_k=5, diffusion_alpha=0.9)
+    assert distinct[2].settings == dataclasses.replace(
+        distinct[1].settings, graph_k=5, diffusion_alpha=0.9
+    )
     assert all(row.settings.dsm_shortlist == 100 for row in rows if row.features)
     assert all(row.settings.dsm_max_side == 1024 for row in rows)
     assert "distinct" not in " ".join(r.label for r in dsm_seed_table.table_rows(1024, None))
