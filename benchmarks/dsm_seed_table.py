@@ -10,6 +10,8 @@ r"""The DSM seed's table in its own setting: VGG16-GeM + Lw at 1024 px, V / +QE 
   .venv/bin/python -m benchmarks.dsm_seed_table --vgg-checkpoint checkpoints/lw_vgg16_1024 \
       --mobilenet-checkpoint checkpoints/lw_mobilenet_v2_1024 --cache-dir cache/dsm_seed \
       --json dsm_seed_table.json --figures outputs/dsm_seed
+  .venv/bin/python -m benchmarks.dsm_seed_figure --json dsm_seed_table.json \
+      --out benchmarks/figures/dsm_seed_summary.png             # 3. one picture of it
   .venv/bin/python -m benchmarks.dsm_seed_table --quick      # landmarks_mini, split, 512 px, MNv2
   .venv/bin/python -m benchmarks.dsm_seed_table --speed      # DSM cost at 1024 px with VGG16
 
@@ -55,6 +57,11 @@ smvs_train, never on the reported sets:
   random different-scene partners per image; the published features and threshold).
 - *seed's per-channel budget on ours* (a priori, the seed's values): ours with at most 20
   features per channel and scale for a query, 10 for a database image.
+- *the seed's diffusion on a k = 5 graph* (the library's small-set graph, k = 5,
+  alpha 0.9, from the earlier diffusion-only sweep, which ran on landmarks_mini: not
+  chosen on this table, but not on training scenes either): the seed's
+  V+D (5 seeds) and its V+DSM+D with at least m distinct inliers, so DSM seeding can be
+  compared with the same diffusion where k = 50 exceeds a third of the database.
 
 Each DSM setting is verified once per protocol (``common.shortlist_counts`` gives inliers
 and distinct inliers together) and both its V+DSM and V+DSM+D rows are ranked from it;
