@@ -28,7 +28,7 @@ import time
 import numpy as np
 
 from benchmarks import common
-from jaxretrieval import extraction, retrieval_model, search, whitening
+from jaxretrieval import extraction, search, whitening
 from jaxretrieval.data import datasets
 from jaxretrieval.retrieval_model import ModelConfig
 
@@ -89,13 +89,9 @@ def main(argv=None):
         poolings = tuple(
             p for p in extraction.POOLINGS if not (p == "cam" and backbone in WITHOUT_CLASSIFIER)
         )
-        config = ModelConfig(
-            backbone=backbone, pooling="gem", max_side=args.max_side, scales=scales
-        )
-        # Regional poolings need shape buckets of the feature stride (VGG16: 16, not 32).
-        stride = retrieval_model.make_model(config).feature_stride
-        extractor = extraction.Extractor.pretrained(
-            config, extraction.ExtractionSettings(extra_poolings=poolings, size_multiple=stride)
+        extractor = extraction.Extractor.pretrained(  # buckets of the stride: regional poolings
+            ModelConfig(backbone=backbone, pooling="gem", max_side=args.max_side, scales=scales),
+            extraction.ExtractionSettings(extra_poolings=poolings),
         )
         start = time.perf_counter()
         extracted = {}

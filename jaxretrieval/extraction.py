@@ -72,6 +72,7 @@ POOLINGS = pooling.POOLINGS
 REGIONAL_POOLINGS = pooling.REGIONAL_POOLINGS
 Box = Sequence[float | int]  # (x1, y1, x2, y2) in pixels
 CACHE_FORMAT = 2  # bump when the cache's meaning changes
+DEFAULT_SIZE_MULTIPLE = 32  # shape buckets of global poolings, whatever the stride
 
 
 class NonFiniteDescriptorsError(ValueError):
@@ -114,7 +115,9 @@ class ExtractionSettings:
         None uses the model's ``max_side``.
       scales: Scales relative to ``max_side``; ``MULTI_SCALES`` is 1, 1/sqrt(2), 1/2.
         None uses the model's ``scales``.
-      size_multiple: Padding granularity in pixels for shape buckets.
+      size_multiple: Padding granularity in pixels for shape buckets. None: 32, or the
+        model's feature stride when a regional pooling is asked for (those need buckets of
+        the stride: 16 for VGG16 and the dilated ResNet, 32 for the others).
       batch_size: Images per device call (rounded up to a multiple of the device count;
         the last batch is padded with blank images).
       extra_poolings: More poolings computed from the same feature maps in the same pass
@@ -125,7 +128,7 @@ class ExtractionSettings:
 
     max_side: int | None = None
     scales: tuple[float, ...] | None = None
-    size_multiple: int = 32
+    size_multiple: int | None = None
     batch_size: int = 8
     extra_poolings: tuple[str, ...] = ()
     max_pixels: int | None = image_io.DEFAULT_MAX_PIXELS
@@ -136,7 +139,7 @@ class ExtractionSettings:
                 raise ValueError(f"pooling must be one of {sorted(POOLINGS)}, found {name!r}.")
         if self.max_side is not None and self.max_side < 16:
             raise ValueError(f"max_side must be at least 16 pixels, found {self.max_side}.")
-        if self.batch_size < 1 or self.size_multiple < 1:
+        if self.batch_size < 1 or (self.size_multiple is not None and self.size_multiple < 1):
             raise ValueError(f"batch_size and size_multiple must be positive in {self}.")
         if self.scales is not None:
             if not self.scales or any(s <= 0 for s in self.scales):
@@ -223,9 +226,11 @@ class Extractor:
         self.batch_size = sharding.round_up_to_devices(self.settings.batch_size, self.mesh)
         self.module = retrieval_model.make_model(model)
         poolings = (model.pooling, *self.settings.extra_poolings)
-        if set(poolings) & REGIONAL_POOLINGS and self.settings.size_multiple != (
-            self.module.feature_stride
-        ):
+        regional = bool(set(poolings) & REGIONAL_POOLINGS)
+        if self.settings.size_multiple is None:
+            multiple = self.module.feature_stride if regional else DEFAULT_SIZE_MULTIPLE
+            self.settings = dataclasses.replace(self.settings, size_multiple=multiple)
+        if regional and self.settings.size_multiple != self.module.feature_stride:
             raise ValueError(
                 f"regional poolings need size_multiple == the feature stride "
                 f"({self.module.feature_stride}) so that padded maps have the real size; "

@@ -245,6 +245,21 @@ def test_regional_pooling_needs_stride_sized_buckets():
         pretrained(extraction.ExtractionSettings(size_multiple=64), pooling="rmac")
 
 
+def test_default_buckets_follow_the_stride_only_where_regional_poolings_need_it(photo_files):
+    """Unset size_multiple: 32 px, or the stride for regional poolings (VGG16's is 16)."""
+    unset = extraction.ExtractionSettings(max_side=64, batch_size=1)
+    assert unset.size_multiple is None
+    assert pretrained(unset, pooling="rmac").settings.size_multiple == 32  # MobileNetV2
+    assert pretrained(unset, backbone="vgg16").settings.size_multiple == 32  # GeM: unchanged
+    vgg_rmac = pretrained(unset, backbone="vgg16", pooling="rmac")
+    assert vgg_rmac.settings.size_multiple == 16  # was a ValueError before
+    result = vgg_rmac(photo_files[:1], progress=False)
+    assert result.valid.all() and np.isfinite(result.descriptors).all()
+    assert {shape[1:] for shape in result.compiled_shapes} <= {
+        (h, w) for h in range(16, 65, 16) for w in range(16, 65, 16)
+    }
+
+
 def test_multi_scale_uses_the_models_learnt_gem_exponent(photo_files):
     """The scales are combined with the model's own p (params["gem"]["p"]), not 3."""
     settings = extraction.ExtractionSettings(max_side=64, scales=(1.0, 0.5), batch_size=2)
